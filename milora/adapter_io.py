@@ -1,0 +1,202 @@
+"""Adapter directories: PEFT's format plus the initial factors and a small manifest.
+
+Layout of a saved adapter::
+
+    adapter_config.json, adapter_model.safetensors   # PEFT, loadable by PeftModel
+    initial/adapter_config.json, initial/adapter_model.safetensors   # A0, B0
+    milora.json                                      # method, rank, scale, provenance
+
+The trained adapter alone is *not* a model for the stock base: MiLoRA/PiSSA replaced each
+target W by W_res = W - s B0 A0. :func:`load_adapter` rebuilds W_res from the stock base
+and the saved A0, B0 (no SVD), then loads the adapter; :mod:`milora.conversion` turns it
+into a plain LoRA for the stock base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from milora.config import AdapterSpec
+from milora.initialize import PEFT_PREFIX, InitialFactors, lora_layers, subtract_initial
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "milora.json"
+INITIAL_DIR = "initial"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def factor_keys(name: str) -> tuple[str, str]:
+    """PEFT's saved keys of one layer's A and B (adapter name stripped)."""
+    return f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+
+
+def layer_names(state: dict[str, torch.Tensor]) -> list[str]:
+    """Base-model layer names present in a saved adapter state dict."""
+    suffix = ".lora_A.weight"
+    return sorted(k[len(PEFT_PREFIX) : -len(suffix)] for k in state if k.endswith(suffix))
+
+
+def read_manifest(adapter_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = Path(adapter_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, adapter_config) of a PEFT adapter directory, with clear errors."""
+    path = Path(path)
+    weights, config = path / WEIGHTS, path / CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS}; "
+            "pickled .bin adapters are not read)"
+        )
+    return load_file(weights), json.loads(config.read_text())
+
+
+def write_adapter(
+    path: Path, state: dict[str, torch.Tensor], config: dict[str, Any], manifest: dict[str, Any] | None
+) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS, metadata={"format": "pt"})
+    (path / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if manifest is not None:
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def manifest_for(state: InitialFactors, **extra: Any) -> dict[str, Any]:
+    spec = asdict(state.spec)
+    if not isinstance(spec["target_modules"], str):
+        spec["target_modules"] = list(spec["target_modules"])
+    return {
+        "format": FORMAT_VERSION,
+        **spec,
+        "scale": state.spec.scale,
+        "fan_in_fan_out": state.fan_in_fan_out,
+        "has_initial_factors": bool(state.factors),
+        "peft_version": peft.__version__,
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def save_adapter(
+    model: PeftModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save the adapter, its initial factors and manifest; all or nothing.
+
+    Written into a temporary sibling and renamed into place, so an interrupted save never
+    leaves a half-written adapter where a reader would find one.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    state = initial_factors_of(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / CONFIG).read_text())
+        if base_model is not None:
+            config["base_model_name_or_path"] = base_model
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if state.factors:
+            initial = {}
+            for name, (A0, B0) in state.factors.items():
+                key_a, key_b = factor_keys(name)
+                initial[key_a], initial[key_b] = A0, B0
+            write_adapter(tmp / INITIAL_DIR, initial, config, None)
+        manifest = manifest_for(state, base_model=base_model, **(extra or {}))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("saved %s adapter to %s", state.spec.method, out)
+    return out
+
+
+def initial_factors_of(model: nn.Module) -> InitialFactors:
+    state = getattr(model, "milora_init", None)
+    if state is None:
+        raise ValueError("model carries no MiLoRA initial state; build it with milora.init_adapter")
+    return state
+
+
+def spec_from_manifest(manifest: dict[str, Any]) -> AdapterSpec:
+    targets = manifest["target_modules"]
+    return AdapterSpec(
+        method=manifest["method"],
+        r=int(manifest["r"]),
+        lora_alpha=float(manifest["lora_alpha"]),
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        lora_dropout=float(manifest.get("lora_dropout", 0.0)),
+        solver=manifest.get("solver", "auto"),
+    )
+
+
+def load_adapter(
+    base_model: nn.Module,
+    adapter_dir: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Put a saved adapter on the *stock* base model, rebuilding W_res from A0, B0.
+
+    Plain PEFT adapters (no manifest, or plain/converted LoRA) load as PEFT would.
+    """
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir)
+    initial: dict[str, torch.Tensor] = {}
+    if manifest is not None and manifest.get("has_initial_factors"):
+        initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
+        modules = dict(base_model.named_modules())
+        scale = float(manifest["scale"])
+        fan_in_fan_out = bool(manifest.get("fan_in_fan_out", False))
+        for name in layer_names(initial):
+            if name not in modules:
+                raise ValueError(
+                    f"adapter {adapter_dir} adapts {name!r}, which this base model lacks; "
+                    f"it was made for {manifest.get('base_model')!r}"
+                )
+            key_a, key_b = factor_keys(name)
+            subtract_initial(modules[name].weight, initial[key_a], initial[key_b], scale, fan_in_fan_out)
+    model = PeftModel.from_pretrained(
+        base_model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable
+    )
+    if manifest is not None:
+        state = InitialFactors(
+            spec=spec_from_manifest(manifest),
+            fan_in_fan_out=bool(manifest.get("fan_in_fan_out", False)),
+        )
+        for name in layer_names(initial):
+            key_a, key_b = factor_keys(name)
+            state.factors[name] = (initial[key_a], initial[key_b])
+        missing = set(state.factors) - set(lora_layers(model, adapter_name))
+        if missing:
+            raise ValueError(f"initial factors name layers the adapter lacks: {sorted(missing)[:5]}")
+        model.milora_init = state
+    return model

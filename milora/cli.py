@@ -1,0 +1,199 @@
+"""``milora``: initialise, convert, merge and inspect adapters from the shell."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from milora.adapter_io import INITIAL_DIR, factor_keys, layer_names, read_adapter, read_manifest, save_adapter
+from milora.cache import DecompositionCache
+from milora.config import DEFAULT_TARGETS, AdapterSpec
+from milora.conversion import compress_adapter, convert_adapter, merge_adapter, verify_adapter
+from milora.initialize import init_from_spec
+from milora.inspection import spectrum_report
+from milora.modeling import load_base_model
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console()
+logger = logging.getLogger("milora")
+
+DtypeOption = Annotated[str, typer.Option(help="weight dtype: float32, bfloat16, float16 or auto")]
+RemoteCode = Annotated[bool, typer.Option(help="allow the model folder's own Python code")]
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        force=True,
+    )
+
+
+@app.command()
+def init(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the base model")],
+    out: Annotated[Path, typer.Argument(help="adapter folder to write")],
+    method: Annotated[str, typer.Option(help="milora, pissa or lora")] = "milora",
+    rank: Annotated[int, typer.Option("--rank", "-r")] = 16,
+    alpha: Annotated[float | None, typer.Option(help="lora_alpha; default r (2r for lora)")] = None,
+    targets: Annotated[str, typer.Option(help="comma-separated module names")] = ",".join(DEFAULT_TARGETS),
+    dropout: Annotated[float, typer.Option()] = 0.05,
+    solver: Annotated[str, typer.Option(help="auto, gram, svd64 or svd32")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="decomposition cache folder")] = None,
+    device: Annotated[str | None, typer.Option(help="where to decompose (default: cuda if present)")] = None,
+    dtype: DtypeOption = "float32",
+    seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option()] = False,
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Wrap BASE in a freshly initialised adapter and save it (with its initial factors)."""
+    spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout, solver)
+    model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    cache = DecompositionCache(cache_dir) if cache_dir else None
+    peft_model = init_from_spec(model, spec, cache=cache, device=device, seed=seed)
+    save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
+    state = peft_model.milora_init
+    console.print(
+        f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g} on "
+        f"{len(state.factors) or 'all'} layers -> {out} (init {state.seconds:.2f} s, "
+        f"{state.cache_hits} from cache)"
+    )
+
+
+@app.command()
+def convert(
+    adapter: Annotated[Path, typer.Argument(help="trained MiLoRA/PiSSA adapter folder")],
+    out: Annotated[Path, typer.Argument(help="plain LoRA adapter folder to write")],
+    rank: Annotated[int | None, typer.Option(help="compress the 2r adapter to this rank")] = None,
+) -> None:
+    """Turn an adapter into a plain LoRA for the unmodified base (rank 2r, or --rank)."""
+    if rank is None:
+        convert_adapter(adapter, out)
+        _, config = read_adapter(out)
+        console.print(f"plain LoRA r={config['r']} for the stock base -> {out}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = convert_adapter(adapter, Path(tmp) / "converted")
+        report = compress_adapter(converted, out, rank)
+    console.print(
+        f"plain LoRA compressed to r={rank} -> {out}; worst relative error of the update "
+        f"{report.max_error:.3e}"
+    )
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
+    adapter: Annotated[Path, typer.Argument(help="adapter folder (any method, or converted)")],
+    out: Annotated[Path, typer.Argument(help="folder for the merged full model")],
+    dtype: DtypeOption = "float32",
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Fold the adapter into the base weights and save a standalone model."""
+    model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    merged = merge_adapter(model, adapter)
+    merged.save_pretrained(out, safe_serialization=True)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
+        if (base / name).is_file() and not (out / name).exists():
+            shutil.copy2(base / name, out / name)
+    console.print(f"merged model -> {out}")
+
+
+@app.command()
+def inspect(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
+    adapter: Annotated[Path | None, typer.Option(help="adapter whose A rows to locate")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="default: the adapter's r, or 16")] = None,
+    targets: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
+    initial: Annotated[bool, typer.Option(help="locate the initial factors instead of the trained")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Per-layer spectrum summary and which singular components an adapter occupies."""
+    manifest = read_manifest(adapter) if adapter else None
+    r = rank or (int(manifest["r"]) if manifest else 16)
+    target_list = (
+        _targets(targets) if targets else tuple((manifest or {}).get("target_modules", DEFAULT_TARGETS))
+    )
+    adapter_A = None
+    if adapter is not None:
+        state, _ = read_adapter(adapter / INITIAL_DIR if initial else adapter)
+        adapter_A = {name: state[factor_keys(name)[0]] for name in layer_names(state)}
+    model = load_base_model(base, trust_remote_code=trust_remote_code)
+    rows = spectrum_report(model, target_list, r, adapter_A)
+    if as_json:
+        print(json.dumps([row.__dict__ for row in rows]))
+        return
+    table = Table(title=f"singular spectrum of {base} (r={r})")
+    for column in ("layer", "shape", "σ max", "σ min", f"σ minor top-{r}", "cond"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    if adapter_A:
+        table.add_column("A in minor r", justify="right")
+        table.add_column("A in principal r", justify="right")
+    for row in rows:
+        cells = [
+            row.name,
+            f"{row.shape[0]}x{row.shape[1]}",
+            f"{row.sigma_max:.4g}",
+            f"{row.sigma_min:.4g}",
+            f"{row.minor_top:.4g}",
+            f"{row.condition:.3g}",
+        ]
+        if adapter_A:
+            cells += [f"{row.minor_share:.1%}", f"{row.principal_share:.1%}"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def verify(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
+    adapter: Annotated[Path, typer.Argument(help="adapter folder written by milora init or training")],
+    tolerance: Annotated[float, typer.Option(help="largest relative logit difference allowed")] = 1e-4,
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Check an adapter end to end on the stock base: reload, plain-LoRA conversion, merge.
+
+    Prints the relative logit differences; exits non-zero when conversion or merge drift
+    beyond TOLERANCE. The base-vs-adapter figure is ~0 only for an untrained adapter.
+    """
+    report = verify_adapter(lambda: load_base_model(base, trust_remote_code=trust_remote_code), adapter)
+    table = Table(title=f"{adapter} on {base}")
+    table.add_column("comparison")
+    table.add_column("max relative logit difference", justify="right")
+    for name, value in report.items():
+        table.add_row(name, f"{value:.2e}")
+    console.print(table)
+    worst = max(report["adapter vs converted plain LoRA on stock base"], report["adapter vs merged model"])
+    if worst > tolerance:
+        console.print(f"[red]FAILED[/]: {worst:.2e} > {tolerance:.0e}")
+        raise typer.Exit(1)
+    console.print(f"[green]OK[/]: conversion and merge agree within {tolerance:.0e}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Serving a trained MiLoRA/PiSSA adapter on the stock base, and merging.
+
+After training to (A1, B1) on W_res = W - s B0 A0, the change relative to the stock W is
+``s (B1 A1 - B0 A0)``: a plain LoRA of rank 2r with ``A' = [A1; A0]``, ``B' = [B1, -B0]``
+and the same scale (alpha doubles with r). This is PEFT's
+``path_initial_model_for_weight_conversion`` conversion, done here on the saved tensors so
+no model has to be loaded and the initial adapter is never rewritten. Rank 2r can exceed a
+server's LoRA rank limit (vLLM's ``max_lora_rank``), so :func:`compress_adapter` truncates
+the update to a chosen rank from its factors alone (QR of each factor, SVD of a 2r x 2r
+core), reporting the error it introduces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from milora.adapter_io import (
+    INITIAL_DIR,
+    factor_keys,
+    layer_names,
+    load_adapter,
+    read_adapter,
+    read_manifest,
+    write_adapter,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Relative Frobenius error of the truncated update, per layer and worst case."""
+
+    rank: int
+    errors: dict[str, float]
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def _lora_config(config: dict[str, Any], r: int, alpha: float) -> dict[str, Any]:
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError("adapters with rank_pattern/alpha_pattern are not supported for conversion")
+    if config.get("use_rslora"):
+        raise ValueError("rsLoRA adapters are not supported for conversion")
+    out = dict(config)
+    out.update(r=r, lora_alpha=alpha, init_lora_weights=True)
+    return out
+
+
+def convert_state(
+    trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rank-2r plain LoRA tensors ``[A1; A0]``, ``[B1, -B0]`` for every adapted layer."""
+    names = layer_names(trained)
+    if names != layer_names(initial):
+        raise ValueError("trained and initial adapters adapt different layers")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        key_a, key_b = factor_keys(name)
+        out[key_a] = torch.cat([trained[key_a], initial[key_a].to(trained[key_a].dtype)], dim=0)
+        out[key_b] = torch.cat([trained[key_b], -initial[key_b].to(trained[key_b].dtype)], dim=1)
+    return out
+
+
+def convert_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Write the plain LoRA adapter (rank 2r) that reproduces a MiLoRA/PiSSA adapter on the
+    stock base. A plain LoRA adapter is copied unchanged (it already is one)."""
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    manifest = read_manifest(adapter_dir) or {"method": "lora"}
+    trained, config = read_adapter(adapter_dir)
+    if manifest.get("has_initial_factors"):
+        initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
+        state = convert_state(trained, initial)
+        r = 2 * int(config["r"])
+        config = _lora_config(config, r, 2 * float(config["lora_alpha"]))
+    else:
+        state = trained
+    new_manifest = {
+        **{k: v for k, v in manifest.items() if k != "has_initial_factors"},
+        "method": "lora",
+        "converted_from": manifest.get("method"),
+        "r": int(config["r"]),
+        "lora_alpha": float(config["lora_alpha"]),
+        "has_initial_factors": False,
+    }
+    write_adapter(out, state, config, new_manifest)
+    logger.info("converted %s adapter -> plain LoRA r=%s at %s", manifest.get("method"), config["r"], out)
+    return out
+
+
+def compress_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors of ``B @ A`` without forming it; also the relative error."""
+    A64, B64 = A.double(), B.double()
+    Qb, Rb = torch.linalg.qr(B64)  # out x k, k x k
+    Qa, Ra = torch.linalg.qr(A64.T)  # in x k, k x k
+    Um, Sm, Vmh = torch.linalg.svd(Rb @ Ra.T)
+    keep = min(rank, Sm.numel())
+    total = Sm.square().sum()
+    error = (Sm[keep:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    root = Sm[:keep].sqrt()
+    B_new = (Qb @ Um[:, :keep]) * root[None, :]
+    A_new = root[:, None] * (Vmh[:keep] @ Qa.T)
+    return A_new.to(A.dtype), B_new.to(B.dtype), error
+
+
+def compress_adapter(
+    adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], rank: int
+) -> CompressionReport:
+    """Truncate a plain LoRA adapter (e.g. a converted one) to ``rank``, keeping its scale."""
+    trained, config = read_adapter(adapter_dir)
+    manifest = read_manifest(adapter_dir) or {}
+    if manifest.get("has_initial_factors"):
+        raise ValueError(f"{adapter_dir} needs the residual base; convert it first (milora convert)")
+    if rank < 1:
+        raise ValueError(f"rank must be positive, got {rank}")
+    scale = float(config["lora_alpha"]) / int(config["r"])
+    state: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    for name in layer_names(trained):
+        key_a, key_b = factor_keys(name)
+        state[key_a], state[key_b], errors[name] = compress_factors(trained[key_a], trained[key_b], rank)
+    config = _lora_config(config, rank, scale * rank)
+    write_adapter(
+        Path(out_dir),
+        state,
+        config,
+        {**manifest, "r": rank, "lora_alpha": scale * rank, "compressed_max_error": max(errors.values())},
+    )
+    report = CompressionReport(rank, errors)
+    logger.info("compressed to rank %d: worst relative error %.3g", rank, report.max_error)
+    return report
+
+
+def merge_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike[str]) -> nn.Module:
+    """The stock base with the adapter folded into its weights (PEFT's merge_and_unload)."""
+    return load_adapter(base_model, adapter_dir).merge_and_unload()
+
+
+@torch.no_grad()
+def verify_adapter(
+    load_base: Callable[[], nn.Module],
+    adapter_dir: str | os.PathLike[str],
+    input_ids: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Relative logit differences: base vs adapter, adapter vs converted LoRA, vs merged.
+
+    ``load_base`` returns a fresh stock base each call (the adapter rewrites its weights).
+    """
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        return model.eval()(input_ids).logits.double()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    base = load_base()
+    if input_ids is None:
+        gen = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=gen)
+    reference = logits(base)
+    adapted = logits(load_adapter(load_base(), adapter_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        served = logits(
+            PeftModel.from_pretrained(load_base(), convert_adapter(adapter_dir, Path(tmp) / "lora"))
+        )
+    merged = logits(merge_adapter(load_base(), adapter_dir))
+    return {
+        "base vs adapter": rel(adapted, reference),
+        "adapter vs converted plain LoRA on stock base": rel(served, adapted),
+        "adapter vs merged model": rel(merged, adapted),
+    }

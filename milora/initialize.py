@@ -1,0 +1,256 @@
+"""Wrapping a causal LM with an SVD-initialised (MiLoRA / PiSSA) or plain LoRA adapter.
+
+PEFT builds the LoRA layers; this module only overwrites their starting values and the
+frozen base weights. For a target weight W (out x in), with s = alpha / r:
+
+    W = U diag(S) V^T,  keep r triplets (minor for MiLoRA, principal for PiSSA)
+    A0 = diag(sqrt(S_r / s)) V_r^T,  B0 = U_r diag(sqrt(S_r / s)),  W_res = W - s B0 A0
+
+so the wrapped model computes exactly what the base computed. The initial factors are
+kept on the model (``model.milora_init``) and saved with every adapter: they are needed to
+rebuild W_res from the stock base and to convert the trained adapter for serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from threadpoolctl import threadpool_limits
+from torch import nn
+from tqdm.auto import tqdm
+
+from milora.cache import DecompositionCache, weight_fingerprint
+from milora.config import DEFAULT_TARGETS, AdapterSpec
+from milora.decomposition import Components, decompose
+from milora.targets import find_targets
+
+logger = logging.getLogger(__name__)
+
+# PEFT names a wrapped layer "base_model.model.<name in the base model>".
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class InitialFactors:
+    """The adapter's starting point: spec and, per base-model layer name, (A0, B0)."""
+
+    spec: AdapterSpec
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    seconds: float = 0.0
+    cache_hits: int = 0
+
+
+def init_adapter(
+    model: nn.Module,
+    *,
+    method: str = "milora",
+    r: int = 16,
+    lora_alpha: float | None = None,
+    target_modules: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
+    lora_dropout: float = 0.05,
+    solver: str = "auto",
+    cache: DecompositionCache | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> PeftModel:
+    """Wrap ``model`` in a PEFT LoRA adapter initialised by ``method``.
+
+    ``device`` is where decompositions run (default: CUDA when available, one matrix at a
+    time, else where the weight lives). ``cache`` skips decompositions already done for
+    these exact weights. ``seed`` fixes plain LoRA's random A. ``workers`` is how many
+    matrices are decomposed at once on the CPU (default: one per core).
+    """
+    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    spec = AdapterSpec(
+        method=method,
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=targets,
+        lora_dropout=lora_dropout,
+        solver=solver,
+    )
+    return init_from_spec(
+        model,
+        spec,
+        cache=cache,
+        device=device,
+        seed=seed,
+        workers=workers,
+        adapter_name=adapter_name,
+        progress=progress,
+    )
+
+
+def init_from_spec(
+    model: nn.Module,
+    spec: AdapterSpec,
+    *,
+    cache: DecompositionCache | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> PeftModel:
+    """``init_adapter`` for an already validated :class:`AdapterSpec`."""
+    found = find_targets(model, spec.target_modules, spec.r)
+    fan_in_fan_out = found[0].fan_in_fan_out
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules
+        if isinstance(spec.target_modules, str)
+        else list(spec.target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model.train(was_training)  # new dropout layers follow the model's mode
+    state = InitialFactors(spec=spec, fan_in_fan_out=fan_in_fan_out)
+    if spec.side is not None:
+        started = time.perf_counter()
+        layers = lora_layers(peft_model, adapter_name)
+        hits_before = cache.hits if cache is not None else 0
+        components = _decompose_all(
+            layers, spec, fan_in_fan_out, cache, _compute_device(device), workers, progress
+        )
+        for name, layer in layers.items():
+            state.factors[name] = _apply_components(
+                layer, adapter_name, components[name], spec, fan_in_fan_out
+            )
+        state.seconds = time.perf_counter() - started
+        state.cache_hits = (cache.hits - hits_before) if cache is not None else 0
+        logger.info(
+            "%s init of %d matrices (r=%d) in %.2f s, %d from cache",
+            spec.method,
+            len(layers),
+            spec.r,
+            state.seconds,
+            state.cache_hits,
+        )
+    peft_model.milora_init = state
+    return peft_model
+
+
+def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
+    """LoRA layers of a PEFT model by their name in the base model."""
+    return {
+        name.removeprefix(PEFT_PREFIX): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
+
+
+def factors_from_components(comp: Components, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) in float64 with ``scale * B0 @ A0 = U diag(S) V^T``."""
+    root = (comp.S / scale).sqrt()
+    return root[:, None] * comp.V.T, comp.U * root[None, :]
+
+
+@torch.no_grad()
+def subtract_initial(
+    weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scale: float, fan_in_fan_out: bool
+) -> None:
+    """``W <- W - s B0 A0``, one fused multiply-add in float32 (float64 for float64 weights).
+
+    The one place the residual is formed, at initialisation and when an adapter is loaded
+    onto the stock base, so both give bit-identical residual weights.
+    """
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    A = A0.to(weight.device, work)
+    B = B0.to(weight.device, work)
+    if fan_in_fan_out:  # stored as W^T: W^T - s A^T B^T
+        residual = torch.addmm(weight.to(work), A.T, B.T, alpha=-scale)
+    else:
+        residual = torch.addmm(weight.to(work), B, A, alpha=-scale)
+    weight.copy_(residual)
+
+
+def _compute_device(device: str | torch.device | None) -> torch.device | None:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def _decompose_all(
+    layers: dict[str, LoraLayer],
+    spec: AdapterSpec,
+    fan_in_fan_out: bool,
+    cache: DecompositionCache | None,
+    device: torch.device | None,
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Components]:
+    """Components of every layer's base weight, from the cache or decomposed.
+
+    On the CPU, ``workers`` threads each decompose one matrix with single-threaded BLAS:
+    the tridiagonal reduction is memory-bound and scales poorly across cores, so several
+    matrices at once use the cores better than one matrix on all of them. On an
+    accelerator matrices go one at a time, so peak memory stays near the model's size.
+    """
+
+    def one(name: str) -> tuple[str, Components]:
+        weight = layers[name].get_base_layer().weight.detach()
+        oriented = weight.T if fan_in_fan_out else weight
+        fingerprint = weight_fingerprint(oriented) if cache is not None else None
+        found = cache.get(fingerprint, spec.side, spec.r) if cache is not None else None
+        if found is None:
+            work = oriented if device is None else oriented.to(device)
+            found = decompose(work, spec.r, spec.side, spec.solver)
+            if cache is not None:
+                cache.put(fingerprint, found)
+        return name, found
+
+    on_cpu = (device or next(iter(layers.values())).get_base_layer().weight.device).type == "cpu"
+    n_workers = min(workers or os.cpu_count() or 1, len(layers)) if on_cpu else 1
+    bar = tqdm(total=len(layers), desc=f"{spec.method} init", unit="matrix", disable=not progress)
+    results: dict[str, Components] = {}
+    with bar:
+        if n_workers == 1:
+            for name in layers:
+                results.update([one(name)])
+                bar.update()
+        else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with threadpool_limits(limits=1), ThreadPoolExecutor(n_workers) as pool:
+                    for name, found in pool.map(one, layers):
+                        results[name] = found
+                        bar.update()
+            finally:
+                torch.set_num_threads(threads)
+    return results
+
+
+def _apply_components(
+    layer: LoraLayer, adapter_name: str, components: Components, spec: AdapterSpec, fan_in_fan_out: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write A0, B0 into the LoRA layer and W_res into its base; return the stored factors."""
+    A0, B0 = factors_from_components(components, spec.scale)
+    lora_A = layer.lora_A[adapter_name].weight
+    lora_B = layer.lora_B[adapter_name].weight
+    with torch.no_grad():
+        lora_A.copy_(A0.to(lora_A.device, lora_A.dtype))
+        lora_B.copy_(B0.to(lora_B.device, lora_B.dtype))
+    # The residual uses the factors as stored, so reloading reproduces it exactly.
+    A0_stored, B0_stored = lora_A.detach().cpu().clone(), lora_B.detach().cpu().clone()
+    subtract_initial(layer.get_base_layer().weight, A0_stored, B0_stored, spec.scale, fan_in_fan_out)
+    return A0_stored, B0_stored

@@ -1,0 +1,77 @@
+"""The ``milora`` command line on a model folder, as a user would run it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from milora import load_adapter
+from milora.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+@pytest.fixture
+def adapter(llama_dir, tmp_path):
+    out = tmp_path / "adapter"
+    run("init", llama_dir, str(out), "--rank", "4", "--cache-dir", str(tmp_path / "cache"))
+    return out
+
+
+def test_init_writes_an_adapter_and_reuses_the_cache(llama_dir, adapter, tmp_path):
+    assert (adapter / "initial" / "adapter_model.safetensors").is_file()
+    output = run(
+        "init", llama_dir, str(tmp_path / "again"), "-r", "2", "--cache-dir", str(tmp_path / "cache")
+    )
+    assert "10 from cache" in output
+
+
+def test_convert_compress_and_merge(llama_dir, adapter, tmp_path, input_ids):
+    run("convert", str(adapter), str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 8
+    output = run("convert", str(adapter), str(tmp_path / "small"), "--rank", "4")
+    assert "worst relative error" in output
+    run("merge", llama_dir, str(adapter), str(tmp_path / "merged"))
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    served = PeftModel.from_pretrained(base, tmp_path / "plain").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, served(input_ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_locates_the_initial_adapter_in_the_minor_subspace(llama_dir, adapter):
+    rows = json.loads(
+        run("inspect", llama_dir, "--adapter", str(adapter), "--initial", "--json").splitlines()[-1]
+    )
+    assert len(rows) == 10
+    assert all(row["minor_share"] > 0.999 and row["principal_share"] < 1e-3 for row in rows)
+    table = run("inspect", llama_dir)
+    assert "σ max" in table
+
+
+def test_unknown_target_gives_a_clear_error(llama_dir, tmp_path):
+    result = runner.invoke(app, ["init", llama_dir, str(tmp_path / "x"), "--targets", "qkv_proj"])
+    assert result.exit_code != 0
+    assert "not found among the model's linear layers" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+
+def test_loaded_adapter_keeps_its_method(llama_dir, adapter):
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), adapter)
+    assert model.milora_init.spec.method == "milora" and len(model.milora_init.factors) == 10
+
+
+def test_verify_reports_identity_conversion_and_merge(llama_dir, adapter):
+    output = run("verify", llama_dir, str(adapter))
+    assert "OK" in output and "converted plain LoRA" in output
