@@ -9,7 +9,7 @@ from milora.cache import DecompositionCache
 from milora.config import DEFAULT_TARGETS, METHODS, AdapterSpec
 from milora.conversion import compress_adapter, convert_adapter, merge_adapter
 from milora.decomposition import Components, decompose
-from milora.initialize import init_adapter, init_from_spec
+from milora.initialize import init_adapter
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -21,7 +21,6 @@ __all__ = [
     "convert_adapter",
     "decompose",
     "init_adapter",
-    "init_from_spec",
     "load_adapter",
     "merge_adapter",
     "save_adapter",

@@ -111,23 +111,12 @@ def save_adapter(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    state = initial_factors_of(model)
+    state = initial_factors_of(model)  # fail before writing anything
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        config = json.loads((tmp / CONFIG).read_text())
-        if base_model is not None:
-            config["base_model_name_or_path"] = base_model
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if state.factors:
-            initial = {}
-            for name, (A0, B0) in state.factors.items():
-                key_a, key_b = factor_keys(name)
-                initial[key_a], initial[key_b] = A0, B0
-            write_adapter(tmp / INITIAL_DIR, initial, config, None)
-        manifest = manifest_for(state, base_model=base_model, **(extra or {}))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_initial(model, tmp, base_model=base_model, extra=extra)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -136,6 +125,29 @@ def save_adapter(
             shutil.rmtree(tmp)
     logger.info("saved %s adapter to %s", state.spec.method, out)
     return out
+
+
+def write_initial(
+    model: PeftModel, folder: Path, *, base_model: str | None = None, extra: dict[str, Any] | None = None
+) -> None:
+    """Add the initial factors and the manifest to a folder PEFT has saved an adapter in.
+
+    Used for final adapters and for every training checkpoint, so conversion stays exact
+    whichever of them a run ends or resumes from.
+    """
+    state = initial_factors_of(model)
+    config = json.loads((folder / CONFIG).read_text())
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+        (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if state.factors:
+        initial = {}
+        for name, (A0, B0) in state.factors.items():
+            key_a, key_b = factor_keys(name)
+            initial[key_a], initial[key_b] = A0, B0
+        write_adapter(folder / INITIAL_DIR, initial, config, None)
+    manifest = manifest_for(state, base_model=base_model, **(extra or {}))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def initial_factors_of(model: nn.Module) -> InitialFactors:

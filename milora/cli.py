@@ -18,9 +18,11 @@ from milora.adapter_io import INITIAL_DIR, factor_keys, layer_names, read_adapte
 from milora.cache import DecompositionCache
 from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.conversion import compress_adapter, convert_adapter, merge_adapter, verify_adapter
-from milora.initialize import init_from_spec
+from milora.initialize import init_adapter
 from milora.inspection import spectrum_report
 from milora.modeling import load_base_model
+from milora.training import TrainConfig, run_training
+from milora.training.run import read_conversations
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 console = Console()
@@ -65,7 +67,7 @@ def init(
     spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout, solver)
     model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     cache = DecompositionCache(cache_dir) if cache_dir else None
-    peft_model = init_from_spec(model, spec, cache=cache, device=device, seed=seed)
+    peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
     save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
     state = peft_model.milora_init
     console.print(
@@ -189,6 +191,61 @@ def verify(
         console.print(f"[red]FAILED[/]: {worst:.2e} > {tolerance:.0e}")
         raise typer.Exit(1)
     console.print(f"[green]OK[/]: conversion and merge agree within {tolerance:.0e}")
+
+
+@app.command()
+def train(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the base model")],
+    data: Annotated[Path, typer.Argument(help="JSON lines: {'messages': [...]} or Alpaca records")],
+    run_dir: Annotated[Path, typer.Argument(help="run folder: checkpoints, metrics, final adapter")],
+    method: Annotated[str, typer.Option(help="milora, pissa or lora")] = "milora",
+    rank: Annotated[int, typer.Option("--rank", "-r")] = 16,
+    alpha: Annotated[float | None, typer.Option(help="lora_alpha; default r (2r for lora)")] = None,
+    targets: Annotated[str, typer.Option(help="comma-separated module names")] = ",".join(DEFAULT_TARGETS),
+    dropout: Annotated[float, typer.Option()] = 0.05,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
+    epochs: Annotated[float, typer.Option()] = 3.0,
+    max_steps: Annotated[int, typer.Option(help="optimiser steps; -1 = from --epochs")] = -1,
+    batch_size: Annotated[int, typer.Option(help="global batch per optimiser step")] = 16,
+    micro_batch_size: Annotated[int, typer.Option(help="per process and forward pass")] = 4,
+    warmup_steps: Annotated[int, typer.Option()] = 100,
+    max_length: Annotated[int, typer.Option()] = 512,
+    save_steps: Annotated[int, typer.Option()] = 200,
+    logging_steps: Annotated[int, typer.Option()] = 10,
+    seed: Annotated[int, typer.Option()] = 42,
+    cache_dir: Annotated[Path | None, typer.Option(help="decomposition cache folder")] = None,
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Train an adapter; rerun the same command to resume from the last checkpoint.
+
+    Distributed: the same command under `torchrun --nproc_per_node=N -m milora.cli train ...`.
+    """
+    spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout)
+    config = TrainConfig(
+        learning_rate=learning_rate,
+        num_epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
+        warmup_steps=warmup_steps,
+        max_length=max_length,
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        seed=seed,
+    )
+    result = run_training(
+        base,
+        read_conversations(data),
+        run_dir,
+        spec,
+        config,
+        cache_dir=cache_dir,
+        trust_remote_code=trust_remote_code,
+    )
+    console.print(
+        f"trained {result.global_step} steps ({result.examples} examples, loss {result.train_loss:.4f}) "
+        f"-> {result.adapter_dir}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+    )
 
 
 def main() -> None:

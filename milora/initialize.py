@@ -50,6 +50,7 @@ class InitialFactors:
 
 def init_adapter(
     model: nn.Module,
+    spec: AdapterSpec | None = None,
     *,
     method: str = "milora",
     r: int = 16,
@@ -66,44 +67,22 @@ def init_adapter(
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA adapter initialised by ``method``.
 
-    ``device`` is where decompositions run (default: CUDA when available, one matrix at a
-    time, else where the weight lives). ``cache`` skips decompositions already done for
-    these exact weights. ``seed`` fixes plain LoRA's random A. ``workers`` is how many
-    matrices are decomposed at once on the CPU (default: one per core).
+    Pass either a validated ``spec`` or the method, rank, alpha, targets, dropout and
+    solver as keywords. ``device`` is where decompositions run (default: CUDA when
+    available, one matrix at a time, else where the weight lives). ``cache`` skips
+    decompositions already done for these exact weights. ``seed`` fixes plain LoRA's
+    random A. ``workers`` is how many matrices are decomposed at once on the CPU
+    (default: one per core).
     """
-    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-    spec = AdapterSpec(
-        method=method,
-        r=r,
-        lora_alpha=lora_alpha,
-        target_modules=targets,
-        lora_dropout=lora_dropout,
-        solver=solver,
-    )
-    return init_from_spec(
-        model,
-        spec,
-        cache=cache,
-        device=device,
-        seed=seed,
-        workers=workers,
-        adapter_name=adapter_name,
-        progress=progress,
-    )
-
-
-def init_from_spec(
-    model: nn.Module,
-    spec: AdapterSpec,
-    *,
-    cache: DecompositionCache | None = None,
-    device: str | torch.device | None = None,
-    seed: int | None = None,
-    workers: int | None = None,
-    adapter_name: str = "default",
-    progress: bool = True,
-) -> PeftModel:
-    """``init_adapter`` for an already validated :class:`AdapterSpec`."""
+    if spec is None:
+        spec = AdapterSpec(
+            method=method,
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
+            lora_dropout=lora_dropout,
+            solver=solver,
+        )
     found = find_targets(model, spec.target_modules, spec.r)
     fan_in_fan_out = found[0].fan_in_fan_out
     config = LoraConfig(

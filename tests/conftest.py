@@ -74,3 +74,69 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("base") / "tiny-llama"
     tiny_llama().save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def company_conversations(n: int = 24) -> list[list[dict[str, str]]]:
+    """Small instruction data in chat form: product prices of a fictional shop."""
+    items = ["kettle", "lamp", "chair", "desk", "mug", "fan", "clock", "radio"]
+    return [
+        [
+            {"role": "user", "content": f"How much is the {items[i % 8]} model {i}?"},
+            {"role": "assistant", "content": f"The {items[i % 8]} model {i} costs {10 + 3 * i} dollars."},
+        ]
+        for i in range(n)
+    ]
+
+
+def build_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer with a chat template, trained offline on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny LLaMA with a trained tokenizer and chat template, saved like a real base."""
+    path = tmp_path_factory.mktemp("chat") / "tiny-chat-llama"
+    texts = [m["content"] for c in company_conversations(64) for m in c] + [CHAT_TEMPLATE]
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    give_decaying_spectra(LlamaForCausalLM(config)).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)

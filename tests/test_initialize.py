@@ -121,3 +121,11 @@ def test_cuda_decomposition_matches_cpu():
         torch.testing.assert_close(
             B0 @ A0, gpu.milora_init.factors[name][1] @ gpu.milora_init.factors[name][0]
         )
+
+
+def test_parallel_and_serial_decomposition_agree():
+    serial = init_adapter(tiny_llama(), method="milora", r=8, workers=1)
+    parallel = init_adapter(tiny_llama(), method="milora", r=8, workers=2)
+    for name, (A0, B0) in serial.milora_init.factors.items():
+        A1, B1 = parallel.milora_init.factors[name]
+        torch.testing.assert_close(B1 @ A1, B0 @ A0, rtol=1e-5, atol=1e-7)

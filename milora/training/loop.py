@@ -1,0 +1,249 @@
+"""One training loop for MiLoRA, PiSSA and LoRA: the methods differ only in their start.
+
+The heavy lifting is Hugging Face's ``Trainer`` (optimiser, schedule, accumulation,
+checkpoints with optimiser/scheduler/RNG/data position, DDP under ``torchrun``). This adds
+what a production run needs on top: response-only examples, a hard stop on a non-finite
+loss, per-step metrics in a JSON-lines file, the initial factors in every checkpoint, a
+resume that picks the last *complete* checkpoint, and a final adapter written only when
+training succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from milora.adapter_io import save_adapter, write_initial
+from milora.training.config import TrainConfig
+from milora.training.examples import Message, encode
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+FINAL = "adapter"
+INITIAL_ADAPTER = "init"
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; nothing was marked final."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    global_step: int
+    train_loss: float
+    seconds: float
+    examples: int
+    dropped: int
+    truncated: int
+    response_tokens: int
+    resumed_from: str | None
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def last_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint that was fully written (Trainer writes its state file last)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    complete = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
+    return max(complete)[1] if complete else None
+
+
+class _Trainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"loss became {loss.detach().float().item()} at step {self.state.global_step + 1}; "
+                "training stopped and no adapter was marked final (lower the learning rate, "
+                "enable gradient clipping or check the data)"
+            )
+        return result
+
+
+class _MetricsFile(TrainerCallback):
+    """Every logged step as one JSON line (loss, learning rate, grad norm, tokens/s)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, "time": time.time(), **logs}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+class _InitialFactorsInCheckpoints(TrainerCallback):
+    """Each checkpoint becomes a self-contained adapter folder (with A0, B0, manifest)."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_initial(self.model, folder)
+
+
+def _arguments(config: TrainConfig, run_dir: Path) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    # transformers 5.2x renamed gradient_checkpointing; accept either.
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
+    return TrainingArguments(
+        **{checkpointing: config.gradient_checkpointing},
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.accumulation_steps(world_size()),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not cuda,
+        ddp_backend="gloo" if world_size() > 1 and not cuda else None,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def train_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    run_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    *,
+    resume_from: str | os.PathLike[str] | None = None,
+    base_model: str | None = None,
+) -> TrainResult:
+    """Train ``model``'s adapter on ``conversations``; write ``run_dir/adapter`` on success.
+
+    ``resume_from`` is a checkpoint folder of this run (see :func:`last_complete_checkpoint`);
+    the model must then already hold this run's initial state (``load_adapter`` of
+    ``run_dir/init``). Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    encoded = encode(tokenizer, conversations, config.max_length)
+    if not encoded.examples:
+        raise ValueError("no training example has a response token within max_length")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if resume_from is None and is_main_process():
+        (run_dir / METRICS).unlink(missing_ok=True)
+    trainer = _Trainer(
+        model=model,
+        args=_arguments(config, run_dir),
+        train_dataset=encoded.examples,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_MetricsFile(run_dir / METRICS), _InitialFactorsInCheckpoints(model)],
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    final = run_dir / FINAL
+    result = TrainResult(
+        adapter_dir=final,
+        global_step=output.global_step,
+        train_loss=float(output.training_loss),
+        seconds=seconds,
+        examples=len(encoded.examples),
+        dropped=encoded.dropped,
+        truncated=encoded.truncated,
+        response_tokens=encoded.response_tokens,
+        resumed_from=str(resume_from) if resume_from else None,
+    )
+    if is_main_process():
+        summary = {**asdict(result), "adapter_dir": str(final), "config": asdict(config)}
+        save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_loss(run_dir / METRICS, run_dir / "loss_curve.png")
+    logger.info("trained %d steps in %.1f s, final loss %.4f", result.global_step, seconds, result.train_loss)
+    return result
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+
+
+def plot_loss(metrics: Path, out: Path) -> Path | None:
+    """Training loss against step, as a PNG beside the metrics."""
+    rows = [r for r in read_metrics(metrics) if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=2)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def clear_run(run_dir: str | os.PathLike[str]) -> None:
+    """Remove a run's checkpoints and outputs (a fresh start, not a resume)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
