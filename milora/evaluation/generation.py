@@ -1,0 +1,115 @@
+"""Batched inference: greedy generation with left padding and KV cache, and label scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    add_special_tokens: bool = False,
+    first_line: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = []
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+            chunk = list(prompts[start : start + batch_size])
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+            enc = enc.to(_device(model))
+            generated = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+            texts = tokenizer.batch_decode(
+                generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            outputs.extend(t.strip().split("\n", 1)[0] if first_line else t.strip() for t in texts)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    add_special_tokens: bool = False,
+    progress: bool = False,
+) -> list[float]:
+    """Summed log-probability of each continuation given its prompt (right padding)."""
+    scores: list[float] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    for start in tqdm(range(0, len(pairs), batch_size), desc="log-likelihood", disable=not progress):
+        chunk = pairs[start : start + batch_size]
+        # Prompt and continuation are tokenized apart, so the continuation's tokens are the
+        # same for every prompt and the boundary cannot merge into one token.
+        prompts = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p, _ in chunk]
+        fulls = [
+            ids + tokenizer(c, add_special_tokens=False)["input_ids"]
+            for ids, (_, c) in zip(prompts, chunk, strict=True)
+        ]
+        width = max(map(len, fulls))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, full in enumerate(fulls):
+            ids[row, : len(full)] = torch.tensor(full)
+            mask[row, : len(full)] = 1
+        logits = model(
+            input_ids=ids.to(_device(model)), attention_mask=mask.to(_device(model))
+        ).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = ids[:, 1:].to(logprobs.device)
+        token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
+        for row, (prompt, full) in enumerate(zip(prompts, fulls, strict=True)):
+            # logprobs[t] predicts token t + 1: the continuation is tokens len(prompt)..end.
+            scores.append(token_lp[row, len(prompt) - 1 : len(full) - 1].sum().item())
+    return scores
+
+
+@torch.inference_mode()
+def perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int = 256
+) -> float:
+    """Token-level perplexity of ``texts`` (each cut at ``max_length`` tokens)."""
+    total, count = 0.0, 0
+    model.eval()
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :max_length]
+        if ids.shape[1] < 2:
+            continue
+        out = model(input_ids=ids.to(_device(model)), labels=ids.to(_device(model)))
+        total += out.loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    if count == 0:
+        raise ValueError("no text long enough to measure perplexity")
+    return float(torch.exp(torch.tensor(total / count)))

@@ -1,0 +1,173 @@
+"""Evaluation suites: each returns a score, its size and every prediction, as JSON.
+
+* ``qa``: short-answer questions (company held-out set, knowledge probes): exact match,
+  token F1 and whether the gold answer appears in the prediction.
+* ``commonsense``: LLM-Adapters format (``instruction``, ``answer``), by generation plus
+  first-label extraction (the paper's protocol) or by log-likelihood ranking of the labels.
+* ``gsm8k``: ``question`` / ``answer`` with ``#### n``, numeric final-answer match.
+
+Prompts go through the same renderer as training (the tokenizer's chat template, else the
+Alpaca prompt), so a model is asked the way it was taught.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from milora.evaluation.generation import continuation_logprobs, greedy_generate
+from milora.evaluation.scoring import (
+    answer_labels,
+    exact_match,
+    first_label,
+    gsm8k_gold,
+    label_set,
+    last_number,
+    normalize_answer,
+    numbers_match,
+    token_f1,
+)
+from milora.training.examples import prompt_text
+
+COMMONSENSE_TARGET = "the correct answer is {label}"
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    metric: str
+    score: float
+    n: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _user_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[str]:
+    return [prompt_text(tokenizer, [{"role": "user", "content": text}]) for text in texts]
+
+
+def qa_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[dict[str, Any]],
+    *,
+    name: str = "qa",
+    prompts: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    headline: str = "f1",
+) -> SuiteResult:
+    """``{"question", "answer"}`` items; ``prompts`` overrides the chat/Alpaca rendering."""
+    prompts = (
+        list(prompts) if prompts is not None else _user_prompts(tokenizer, [i["question"] for i in items])
+    )
+    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows = []
+    for item, prediction in zip(items, outputs, strict=True):
+        gold = str(item["answer"])
+        rows.append(
+            {
+                **item,
+                "prediction": prediction,
+                "exact_match": exact_match(prediction, gold),
+                "f1": token_f1(prediction, gold),
+                "contains": float(f" {normalize_answer(gold)} " in f" {normalize_answer(prediction)} "),
+            }
+        )
+    metrics = {key: _mean([r[key] for r in rows]) for key in ("exact_match", "f1", "contains")}
+    return SuiteResult(name, headline, metrics[headline], len(rows), metrics, rows)
+
+
+def commonsense_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[dict[str, Any]],
+    *,
+    name: str = "commonsense",
+    mode: str = "generate",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> SuiteResult:
+    """Accuracy on LLM-Adapters-format items, by ``generate`` or ``loglik``."""
+    if mode not in ("generate", "loglik"):
+        raise ValueError(f"mode must be 'generate' or 'loglik', got {mode!r}")
+    fallback = label_set(items)
+    texts = [f"{i['instruction']}\n\n{i['input']}" if i.get("input") else i["instruction"] for i in items]
+    prompts = _user_prompts(tokenizer, texts)
+    labels = [answer_labels(i["instruction"]) or fallback for i in items]
+    if mode == "generate":
+        outputs = greedy_generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        chosen = [first_label(text, options) for text, options in zip(outputs, labels, strict=True)]
+    else:
+        pairs = [
+            (p, COMMONSENSE_TARGET.format(label=option))
+            for p, options in zip(prompts, labels, strict=True)
+            for option in options
+        ]
+        scores = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size))
+        chosen = []
+        for options in labels:
+            option_scores = [next(scores) for _ in options]
+            chosen.append(options[max(range(len(options)), key=option_scores.__getitem__)])
+        outputs = [None] * len(items)
+    rows = [
+        {
+            "answer": str(i["answer"]).lower(),
+            "labels": opts,
+            "output": out,
+            "prediction": pick,
+            "correct": pick == str(i["answer"]).lower(),
+        }
+        for i, opts, out, pick in zip(items, labels, outputs, chosen, strict=True)
+    ]
+    accuracy = _mean([float(r["correct"]) for r in rows])
+    return SuiteResult(name, "accuracy", accuracy, len(rows), {"accuracy": accuracy, "mode": mode}, rows)
+
+
+def gsm8k_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[dict[str, Any]],
+    *,
+    name: str = "gsm8k",
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+) -> SuiteResult:
+    """Numeric final-answer accuracy on GSM8K-format items."""
+    golds = [gsm8k_gold(i["answer"]) for i in items]
+    prompts = _user_prompts(tokenizer, [i["question"] for i in items])
+    outputs = greedy_generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, first_line=False
+    )
+    rows = []
+    for item, gold, output in zip(items, golds, outputs, strict=True):
+        predicted = last_number(output)
+        rows.append(
+            {
+                "question": item["question"],
+                "gold": gold,
+                "output": output,
+                "prediction": predicted,
+                "correct": numbers_match(predicted, gold),
+            }
+        )
+    accuracy = _mean([float(r["correct"]) for r in rows])
+    return SuiteResult(name, "accuracy", accuracy, len(rows), {"accuracy": accuracy}, rows)
