@@ -66,6 +66,7 @@ def test_training_writes_adapter_metrics_curve_and_checkpoints(chat_model_dir, t
     result = run_training(chat_model_dir, company_conversations(24), run, AdapterSpec(r=4), config)
     assert result.global_step == 4 and result.examples == 24
     assert (run / "adapter" / "initial" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter_for_stock_base" / "adapter_config.json").read_text())["r"] == 8
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss" in r]
     assert len(losses) == 4 and all("learning_rate" in r and "grad_norm" in r for r in losses)

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from milora.adapter_io import save_adapter, write_initial
+from milora.conversion import convert_adapter
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, encode
 
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 FINAL = "adapter"
+SERVED = "adapter_for_stock_base"
 INITIAL_ADAPTER = "init"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -211,6 +213,9 @@ def train_adapter(
     if is_main_process():
         summary = {**asdict(result), "adapter_dir": str(final), "config": asdict(config)}
         save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
+        served = run_dir / SERVED
+        shutil.rmtree(served, ignore_errors=True)
+        convert_adapter(final, served)  # plain LoRA for the stock base (rank 2r)
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         plot_loss(run_dir / METRICS, run_dir / "loss_curve.png")
     logger.info("trained %d steps in %.1f s, final loss %.4f", result.global_step, seconds, result.train_loss)
