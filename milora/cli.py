@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +26,8 @@ from milora.training import TrainConfig, run_training
 from milora.training.run import read_conversations
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-console = Console()
+# Tables stay readable when piped to a log (rich falls back to 80 columns otherwise).
+console = Console() if Console().is_terminal else Console(width=150)
 logger = logging.getLogger("milora")
 
 DtypeOption = Annotated[str, typer.Option(help="weight dtype: float32, bfloat16, float16 or auto")]
@@ -38,6 +40,8 @@ def _targets(text: str) -> tuple[str, ...]:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    # A transformers/PEFT deprecation notice on every model wrap; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -154,7 +158,7 @@ def inspect(
         table.add_column("A in principal r", justify="right")
     for row in rows:
         cells = [
-            row.name,
+            row.name.removeprefix("model.").replace("layers.", "L"),
             f"{row.shape[0]}x{row.shape[1]}",
             f"{row.sigma_max:.4g}",
             f"{row.sigma_min:.4g}",
