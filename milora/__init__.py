@@ -1,29 +1,41 @@
 """MiLoRA: LoRA initialised in the minor singular subspace of each frozen weight.
 
 One call starts an adapter (:func:`init_adapter`); the rest saves, reloads, converts for
-serving on the stock base, compresses and merges it.
+serving on the stock base, compresses and merges it. Names are imported on first use, so
+``milora.data`` and ``milora.settings`` load without torch (the pipeline's data stages
+start in a second, not ten).
 """
 
-from milora.adapter_io import load_adapter, save_adapter
-from milora.cache import DecompositionCache
-from milora.config import DEFAULT_TARGETS, METHODS, AdapterSpec
-from milora.conversion import compress_adapter, convert_adapter, merge_adapter
-from milora.decomposition import Components, decompose
-from milora.initialize import init_adapter
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "METHODS",
-    "AdapterSpec",
-    "Components",
-    "DecompositionCache",
-    "compress_adapter",
-    "convert_adapter",
-    "decompose",
-    "init_adapter",
-    "load_adapter",
-    "merge_adapter",
-    "save_adapter",
-]
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_adapter": "milora.adapter_io",
+    "save_adapter": "milora.adapter_io",
+    "DecompositionCache": "milora.cache",
+    "AdapterSpec": "milora.config",
+    "DEFAULT_TARGETS": "milora.config",
+    "METHODS": "milora.config",
+    "compress_adapter": "milora.conversion",
+    "convert_adapter": "milora.conversion",
+    "merge_adapter": "milora.conversion",
+    "Components": "milora.decomposition",
+    "decompose": "milora.decomposition",
+    "init_adapter": "milora.initialize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'milora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,195 @@
+"""Typed pipeline settings, parsed once from ``params.yaml``.
+
+``params.yaml`` is the one configuration file (DVC reads the same keys as stage params). It
+is grouped by stage: each top-level section is one class here, unknown keys are errors (a
+typo must not silently fall back to a default), and a bad value names its dotted key::
+
+    params.yaml: validate.policies.pii_email: Input should be 'fail', 'warn' or 'quarantine'
+
+Adding a stage = adding a section class and a field on :class:`Settings`. Relative paths
+are relative to the folder holding ``params.yaml`` (the repository root); use
+:meth:`Settings.path` to resolve them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from milora.data.rules import RULES, Policy, default_policies
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class SettingsError(ValueError):
+    """``params.yaml`` is missing, not YAML, or has a bad key or value."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are rejected, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class IngestSettings(Section):
+    """Reading company exports into the normalised dataset."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="files, folders or glob patterns, read in order (globs and folders sorted)",
+    )
+    out_dir: str = Field("data/interim/ingested", description="normalised rows, before validation")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of records in validation")
+    split_salt: str = Field("milora", description="changing it reshuffles the split (on purpose only)")
+    column_map: dict[str, str] = Field(default_factory=dict, description="export column -> canonical name")
+    message_keys: dict[str, str] = Field(default_factory=dict, description="chat turn key -> role/content")
+    role_map: dict[str, str] = Field(default_factory=dict, description="export role -> system/user/assistant")
+    csv_delimiter: str = Field(",", min_length=1, max_length=1)
+
+    @field_validator("column_map")
+    @classmethod
+    def _known_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        from milora.data.normalise import CANONICAL_FIELDS
+
+        bad = sorted(set(value.values()) - set(CANONICAL_FIELDS))
+        if bad:
+            raise ValueError(f"maps to unknown field(s) {bad}; canonical fields are {list(CANONICAL_FIELDS)}")
+        return value
+
+    @field_validator("message_keys")
+    @classmethod
+    def _message_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(set(value.values()) - {"role", "content"})
+        if bad:
+            raise ValueError(f"maps to {bad}; a chat turn only has 'role' and 'content'")
+        return value
+
+
+class ContaminationSettings(Section):
+    """Which evaluation sets training data must not overlap, and how overlap is found."""
+
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["../shared/benchmarks"],
+        description="benchmark files/folders/globs (JSON lists or JSONL); a missing named path is an error",
+    )
+    ngram: int = Field(13, ge=5, le=50, description="words in a shared passage that counts as a copy")
+    max_item_frequency: int = Field(10, ge=1, description="n-grams in more benchmark items are templates")
+    cache_dir: str | None = Field(".cache/contamination", description="index cache; null disables it")
+
+
+class ValidateSettings(Section):
+    """The Great Expectations gate and what each broken rule does."""
+
+    dataset_dir: str = Field("data/dataset", description="the validated, versioned dataset")
+    reports_dir: str = Field("outputs/validation", description="summary, quarantine file, Data Docs")
+    gx_dir: str = Field("gx", description="GX project folder (expectation suite kept in the repo)")
+    tokenizer: str | None = Field(None, description="tokenizer folder; null means base_model")
+    max_tokens: int | None = Field(None, ge=1, description="null means the base model's context length")
+    min_rows: int = Field(20, ge=0, description="minimum rows per drop, before and after quarantine")
+    max_duplicate_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="max share of exact duplicates per drop"
+    )
+    pii_allow: list[str] = Field(
+        default_factory=list, description="regexes of public values that are not PII (a support address)"
+    )
+    contamination: ContaminationSettings = Field(default_factory=ContaminationSettings)
+    policies: dict[str, str] = Field(default_factory=dict, description="rule -> fail | warn | quarantine")
+
+    @field_validator("policies")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = []
+        for rule, policy in value.items():
+            if rule not in RULES:
+                problems.append(f"unknown rule {rule!r} (rules: {', '.join(RULES)})")
+            elif policy not in RULES[rule].policies:
+                allowed = " or ".join(RULES[rule].policies)
+                problems.append(
+                    f"{rule}: {policy!r} is not a policy for a {RULES[rule].level} rule (use {allowed})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("pii_allow")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a regular expression: {error}") from None
+        return value
+
+    def policy(self, rule: str) -> Policy:
+        """The policy in force for ``rule`` (params.yaml, else the rule's default)."""
+        return self.policies.get(rule, default_policies()[rule])  # type: ignore[return-value]
+
+
+class Settings(Section):
+    """All of ``params.yaml``; ``root`` is the folder relative paths start from."""
+
+    root: Path = Field(default=Path("."), exclude=True)
+    base_model: str = Field("data/demo/base_model", description="Hugging Face model folder")
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    validation: ValidateSettings = Field(default_factory=ValidateSettings, alias="validate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_root_in_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "root" in data and not isinstance(data.get("root"), Path):
+            raise ValueError("'root' is not a params.yaml key (paths are relative to the file's folder)")
+        return data
+
+    def path(self, value: str | Path) -> Path:
+        """A configured path, resolved against the project root."""
+        path = Path(value)
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path(self.validation.tokenizer or self.base_model)
+
+    def with_overrides(self, changes: dict[str, Any]) -> Settings:
+        """A copy with dotted keys changed (``{"validate.min_rows": 1}``), validated again."""
+        data = self.model_dump(by_alias=True)
+        for dotted, value in changes.items():
+            node = data
+            *parents, last = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = value
+        return _parse(data, self.root, "overrides")
+
+
+def _parse(data: dict[str, Any], root: Path, origin: str) -> Settings:
+    try:
+        return Settings.model_validate({**data, "root": Path(root)})
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling; see milora/settings.py for the keys)"
+            lines.append(f"{origin}: {key}: {message}")
+        raise SettingsError("\n".join(lines)) from None
+
+
+def load_settings(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Settings:
+    """Parse ``params.yaml`` once into :class:`Settings` (clear errors naming the key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"{path}: no such file (the pipeline's parameters live in params.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    settings = _parse(data, path.resolve().parent, str(path))
+    return settings.with_overrides(overrides) if overrides else settings

@@ -1,0 +1,70 @@
+"""Pipeline stages, one module each: a plain function, its Prefect task, and a command.
+
+Every stage is ``stage(paths..., settings) -> report``, wrapped as a Prefect task (retried
+only for I/O errors: bad data fails the same way every time) and runnable as
+``python -m tasks.<stage>`` so ``dvc.yaml`` calls the very same code. Exit codes: 0 done,
+1 bad data (the summary is printed), 2 bad parameters or usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# Nothing here calls out: every tool's telemetry off and the model hub offline.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+logger = logging.getLogger("tasks")
+
+IO_RETRIES = 2
+IO_RETRY_DELAY_S = 5
+
+
+def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a flaky disk or network share, never bad data."""
+    from milora.data.errors import DataValidationError
+
+    try:
+        state.result()
+    except DataValidationError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def run_command(main: Callable[[], int]) -> None:
+    """Run a stage's ``main`` with logging set up and the exit codes above."""
+    from milora.data.errors import DataValidationError
+    from milora.settings import SettingsError
+
+    logging.basicConfig(
+        level=os.environ.get("MILORA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("great_expectations", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = main()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = 2
+    except DataValidationError as error:
+        print(error.summary(), file=sys.stderr)
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,222 @@
+"""Stage 1, ingest: company exports -> one normalised, deduplicated, split dataset.
+
+``python -m tasks.ingest [SOURCE ...] [--out DIR] [--params params.yaml]``
+
+Every source file (in order) becomes one Parquet part of ``ingest.out_dir``: each row with
+its content id, source file and row, train/validation split and normalised columns. Exact
+duplicates (of an earlier row in the same file or an earlier file) stay, flagged
+``duplicate`` and counted, so the validation gate can judge the duplicate rate; the gate
+publishes only first occurrences. Structural problems are noted per row for the gate to
+report; only files that cannot become rows at all stop ingest here. The output folder is
+replaced atomically and only when every file was read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from milora.data.dataset import (
+    FORMAT_VERSION,
+    INGESTED_SCHEMA,
+    PARTS_DIR,
+    PartWriter,
+    atomic_directory,
+    display_path,
+    file_sha256,
+    part_name,
+    write_manifest,
+)
+from milora.data.errors import DataValidationError, Finding
+from milora.data.normalise import FieldMapping, normalise, split_of
+from milora.data.readers import FileProblem, iter_rows, resolve_sources
+from milora.settings import DEFAULT_PARAMS, Settings, load_settings
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S, retry_on_io_error, run_command
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestReport:
+    """What ingest wrote: one entry per part, totals, and files skipped under ``warn``."""
+
+    out_dir: Path
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[Finding] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(p["rows"] for p in self.parts)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(p["duplicates"] for p in self.parts)
+
+
+def _read_file(
+    path: Path, source: str, writer: PartWriter, settings: Settings, mapping: FieldMapping, seen: set[str]
+) -> dict[str, Any]:
+    """Stream one file into ``writer``; returns its counts. Raises FileProblem."""
+    cfg = settings.ingest
+    local: set[str] = set()
+    formats: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
+    duplicates = malformed = 0
+    first_keys: list[str] | None = None
+    for raw in iter_rows(path, cfg.csv_delimiter):
+        row = normalise(raw, mapping)
+        rid = row["record_id"]
+        duplicate = rid in seen or rid in local
+        local.add(rid)
+        row.update(
+            split=split_of(rid, cfg.validation_fraction, cfg.split_salt),
+            source=source,
+            source_row=raw.row,
+            duplicate=duplicate,
+        )
+        writer.write(row)
+        formats[row["format"]] += 1
+        splits[row["split"]] += 1
+        duplicates += duplicate
+        malformed += row["check_malformed_row"] is not None
+        if first_keys is None and raw.record is not None:
+            first_keys = [str(k) for k in raw.record]
+    if writer.rows == 0:
+        raise FileProblem("empty_file", "no records (only blank lines or an empty list)")
+    if writer.rows > malformed and formats["unknown"] == writer.rows:
+        raise FileProblem(
+            "unknown_schema",
+            f"columns {first_keys} match no schema; expected instruction/input/output, prompt/completion "
+            "or messages (map other names with ingest.column_map in params.yaml)",
+            1,
+        )
+    seen |= local
+    return {
+        "rows": writer.rows,
+        "duplicates": duplicates,
+        "formats": dict(sorted(formats.items())),
+        "splits": dict(sorted(splits.items())),
+    }
+
+
+def ingest(
+    settings: Settings, sources: Sequence[str | Path] | None = None, out_dir: Path | None = None
+) -> IngestReport:
+    """Read ``sources`` (default ``ingest.sources``) into ``out_dir`` (default ``ingest.out_dir``).
+
+    Raises :class:`DataValidationError` naming each file that cannot be read under a
+    ``fail`` policy; the previous output folder is then left untouched.
+    """
+    cfg = settings.ingest
+    out = Path(out_dir) if out_dir is not None else settings.path(cfg.out_dir)
+    entries = list(sources) if sources else cfg.sources
+    try:
+        files = resolve_sources(entries, settings.root)
+    except OSError as error:
+        raise DataValidationError([Finding("unreadable_file", str(entries), detail=str(error))]) from error
+    if not files:
+        raise DataValidationError(
+            [
+                Finding(
+                    "unreadable_file", ", ".join(map(str, entries)) or "(none)", detail="no source file found"
+                )
+            ],
+            headline="ingest failed",
+        )
+    mapping = FieldMapping(cfg.column_map, cfg.message_keys, cfg.role_map)
+    report = IngestReport(out)
+    failures: list[Finding] = []
+    seen: set[str] = set()
+    taken: set[str] = set()
+    with atomic_directory(out) as scratch:
+        for path in tqdm(files, desc="ingest", unit="file", disable=None):
+            source = display_path(path, settings.root)
+            name = part_name(source, taken)
+            part = scratch / PARTS_DIR / f"{name}.parquet"
+            writer = PartWriter(part, INGESTED_SCHEMA)
+            try:
+                with writer:
+                    counts = _read_file(path, source, writer, settings, mapping, seen)
+            except FileProblem as problem:
+                part.unlink(missing_ok=True)
+                policy = settings.validation.policy(problem.rule)
+                finding = Finding(
+                    problem.rule, source, policy, [problem.row] if problem.row else [], detail=problem.detail
+                )
+                if policy == "fail":
+                    failures.append(finding)
+                else:
+                    logger.warning("skipping %s", finding.line())
+                    report.skipped.append(finding)
+                continue
+            entry = {
+                "file": f"{PARTS_DIR}/{name}.parquet",
+                "source": source,
+                "sha256": file_sha256(path),
+                **counts,
+            }
+            report.parts.append(entry)
+            logger.info(
+                "%s: %d rows, %d duplicates -> %s",
+                source,
+                counts["rows"],
+                counts["duplicates"],
+                entry["file"],
+            )
+        if failures:
+            raise DataValidationError(failures, headline="ingest failed")
+        if not report.parts:
+            raise DataValidationError(report.skipped, headline="ingest failed: every file was skipped")
+        write_manifest(
+            scratch,
+            {
+                "format_version": FORMAT_VERSION,
+                "parts": report.parts,
+                "rows": report.rows,
+                "duplicates": report.duplicates,
+                "validation_fraction": cfg.validation_fraction,
+            },
+        )
+    logger.info(
+        "ingested %d rows (%d duplicates) from %d files into %s",
+        report.rows,
+        report.duplicates,
+        len(files),
+        out,
+    )
+    return report
+
+
+ingest_task = task(
+    name="ingest",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_io_error,
+    cache_policy=NO_CACHE,
+)(ingest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="*", help="files, folders or globs (default: ingest.sources)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: ingest.out_dir)")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    report = ingest(load_settings(args.params), args.sources or None, args.out)
+    print(
+        f"{report.rows} rows ({report.duplicates} duplicates) in {len(report.parts)} parts -> {report.out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,626 @@
+"""Stage 2, validate: the Great Expectations gate between ingested rows and the dataset.
+
+``python -m tasks.validate PATH [PATH ...]``  check files before they enter the pipeline
+(ingest into a scratch folder + validate; nothing is published). Exit 0 when they pass,
+1 with a summary (file, rows, rule, up to five offending values) when they do not.
+
+``python -m tasks.validate``  the pipeline stage: validate ``ingest.out_dir`` and publish
+the clean rows to ``validate.dataset_dir``.
+
+For each ingested part (one per source file, so memory stays flat however many drops
+accumulate) the row checks of :mod:`milora.data` add derived columns (``check_<rule>``,
+``n_tokens``), then the checkpoint ``milora_ingest_gate`` of the GX project kept in ``gx/``
+runs the committed suite ``milora_ingest`` on them (result format COMPLETE) and updates the
+Data Docs. Each failed expectation carries its rule in ``meta.rule``; the rule's policy in
+``params.yaml`` decides: ``fail`` stops the run, ``warn`` logs, ``quarantine`` sets the rows
+aside (``quarantine.jsonl`` with rule and reason) as long as at least ``min_rows`` clean rows
+remain. The dataset is written beside its target and renamed into place only when every
+part passed, so a failure changes no dataset version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from milora.data.checks import CONTENT_CHECKS, row_checks
+from milora.data.contamination import BenchmarkIndex, benchmark_files
+from milora.data.dataset import (
+    DATASET_SCHEMA,
+    FORMAT_VERSION,
+    PARTS_DIR,
+    PartWriter,
+    atomic_directory,
+    display_path,
+    iter_parts,
+    read_manifest,
+    write_manifest,
+)
+from milora.data.errors import DataValidationError, Finding
+from milora.data.normalise import FORMATS
+from milora.data.pii import allow_pattern
+from milora.data.rules import CHECK_RULES, RULES, check_column
+from milora.data.tokens import TokenCounter, context_length
+from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S, retry_on_io_error, run_command
+from tasks.ingest import ingest
+
+logger = logging.getLogger(__name__)
+
+SUITE = "milora_ingest"
+CHECKPOINT = "milora_ingest_gate"
+DATASOURCE, ASSET, BATCH = "milora", "ingested_rows", "whole_dataframe"
+VALIDATION = "milora_ingest_rows"
+OUTPUT_VARIABLE = "MILORA_GX_OUTPUT"
+GX_COLUMNS = ["record_id", "split", "format", "source", "source_row", "duplicate", "n_tokens"] + [
+    check_column(rule) for rule in CHECK_RULES
+]
+
+
+# --------------------------------------------------------------------------- GX project
+def _suite_spec() -> list[tuple[str, dict[str, Any], str]]:
+    """(expectation class, kwargs, rule) of the committed suite, in order."""
+    spec: list[tuple[str, dict[str, Any], str]] = [
+        ("ExpectTableColumnsToMatchSet", {"column_set": GX_COLUMNS}, "dataset_contract"),
+        ("ExpectColumnValuesToMatchRegex", {"column": "record_id", "regex": r"^[0-9a-f]{32}$"}, "dataset_contract"),
+        ("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "validation"]}, "dataset_contract"),
+        ("ExpectColumnValuesToBeInSet", {"column": "format", "value_set": list(FORMATS)}, "dataset_contract"),
+        ("ExpectColumnValuesToNotBeNull", {"column": "source"}, "dataset_contract"),
+        ("ExpectColumnValuesToBeBetween", {"column": "source_row", "min_value": 1}, "dataset_contract"),
+        ("ExpectTableRowCountToBeBetween", {"min_value": {"$PARAMETER": "min_rows"}}, "min_rows"),
+        ("ExpectColumnMeanToBeBetween", {"column": "duplicate", "max_value": {"$PARAMETER": "max_duplicate_rate"}}, "duplicate_rate"),
+        ("ExpectColumnValuesToBeBetween", {"column": "n_tokens", "max_value": {"$PARAMETER": "max_tokens"}}, "max_tokens"),
+    ]  # fmt: skip
+    spec += [("ExpectColumnValuesToBeNull", {"column": check_column(rule)}, rule) for rule in CHECK_RULES]
+    return spec
+
+
+_GX_YAML = """\
+# Great Expectations (GX Core 1.x) project of the MiLoRA pipeline, built once by
+# `python -m tasks.validate --init-gx` and committed: this file, expectations/,
+# validation_definitions/ and checkpoints/. Run outputs (validation results, Data Docs)
+# go to ${MILORA_GX_OUTPUT}, which tasks.validate sets to <validate.reports_dir>/gx.
+config_version: 4
+config_variables_file_path: uncommitted/config_variables.yml
+plugins_directory:
+stores:
+  expectations_store:
+    class_name: ExpectationsStore
+    store_backend:
+      class_name: TupleFilesystemStoreBackend
+      base_directory: expectations/
+  validation_results_store:
+    class_name: ValidationResultsStore
+    store_backend:
+      class_name: TupleFilesystemStoreBackend
+      base_directory: ${MILORA_GX_OUTPUT}/validations/
+  checkpoint_store:
+    class_name: CheckpointStore
+    store_backend:
+      class_name: TupleFilesystemStoreBackend
+      suppress_store_backend_id: true
+      base_directory: checkpoints/
+  validation_definition_store:
+    class_name: ValidationDefinitionStore
+    store_backend:
+      class_name: TupleFilesystemStoreBackend
+      base_directory: validation_definitions/
+expectations_store_name: expectations_store
+validation_results_store_name: validation_results_store
+checkpoint_store_name: checkpoint_store
+data_docs_sites:
+  local_site:
+    class_name: SiteBuilder
+    show_how_to_buttons: false
+    store_backend:
+      class_name: TupleFilesystemStoreBackend
+      base_directory: ${MILORA_GX_OUTPUT}/data_docs/
+    site_index_builder:
+      class_name: DefaultSiteIndexBuilder
+analytics_enabled: false
+progress_bars:
+  globally: false
+  metric_calculations: false
+"""
+
+_CONTEXTS: dict[tuple[str, str], Any] = {}
+
+
+def gx_context(gx_dir: Path, output_dir: Path) -> Any:
+    """The file-backed GX context of ``gx_dir``, run outputs under ``output_dir`` (cached)."""
+    import great_expectations as gx
+
+    key = (str(Path(gx_dir).resolve()), str(Path(output_dir).resolve()))
+    if key not in _CONTEXTS:
+        gx_dir = Path(gx_dir)
+        if not (gx_dir / "great_expectations.yml").is_file():
+            raise SettingsError(
+                f"validate.gx_dir: {gx_dir} holds no GX project (create it with python -m tasks.validate --init-gx)"
+            )
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        env = {OUTPUT_VARIABLE: key[1]}
+        if gx_dir.name == "gx":
+            context = gx.get_context(
+                mode="file", project_root_dir=str(gx_dir.parent), runtime_environment=env
+            )
+        else:
+            context = gx.get_context(mode="file", context_root_dir=str(gx_dir), runtime_environment=env)
+        _CONTEXTS[key] = context
+    return _CONTEXTS[key]
+
+
+def build_gx_project(gx_dir: Path, output_dir: Path) -> Path:
+    """Create or update the committed GX project: data source, suite, definition, checkpoint.
+
+    A developer's command (``--init-gx``), run when the rules change; its files are
+    committed and validation only loads them.
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    gx_dir = Path(gx_dir)
+    gx_dir.mkdir(parents=True, exist_ok=True)
+    config = gx_dir / "great_expectations.yml"
+    if not config.is_file():
+        config.write_text(_GX_YAML, encoding="utf-8")
+    (gx_dir / ".gitignore").write_text("uncommitted/\n", encoding="utf-8")
+    _CONTEXTS.pop((str(gx_dir.resolve()), str(Path(output_dir).resolve())), None)
+    context = gx_context(gx_dir, output_dir)
+    try:  # get-or-create everything, so re-running leaves unchanged files byte-identical
+        source = context.data_sources.get(DATASOURCE)
+    except (KeyError, ValueError):
+        source = context.data_sources.add_pandas(DATASOURCE)
+    asset = (
+        source.get_asset(ASSET) if ASSET in source.get_asset_names() else source.add_dataframe_asset(ASSET)
+    )
+    names = [b.name for b in asset.batch_definitions]
+    batch = (
+        asset.get_batch_definition(BATCH)
+        if BATCH in names
+        else asset.add_batch_definition_whole_dataframe(BATCH)
+    )
+    expectations = [
+        getattr(gxe, class_name)(**kwargs, meta={"rule": rule}, notes=RULES[rule].meaning)
+        for class_name, kwargs, rule in _suite_spec()
+    ]
+    suite = _suite(
+        context, expectations, {"notes": "Rules of milora.data.rules; see README 'Bring your own data'."}
+    )
+    try:
+        definition = context.validation_definitions.get(VALIDATION)
+    except Exception:  # not there yet
+        definition = None
+    if definition is None or definition.suite.name != SUITE or definition.batch_definition.name != BATCH:
+        definition = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=VALIDATION, data=batch, suite=suite)
+        )
+    context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=CHECKPOINT,
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]},
+        )
+    )
+    return gx_dir
+
+
+def _suite(context: Any, expectations: list[Any], meta: dict[str, Any]) -> Any:
+    """The stored suite when it already says the same, else a rewritten one.
+
+    Keeping it avoids id churn in the committed JSON. (A suite object is only built for a
+    rewrite: GX saves ``add_expectation`` calls straight into a stored suite of that name.)
+    """
+    import great_expectations as gx
+
+    def content(items: list[Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.configuration.to_json_dict().items() if k != "id"} for e in items]
+
+    try:
+        stored = context.suites.get(SUITE)
+    except Exception:  # not there yet
+        stored = None
+    if stored is not None:
+        notes = {k: v for k, v in stored.meta.items() if k != "great_expectations_version"}
+        if notes == meta and content(stored.expectations) == content(expectations):
+            return stored
+    return context.suites.add_or_update(gx.ExpectationSuite(name=SUITE, expectations=expectations, meta=meta))
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class ValidationReport:
+    """The gate's verdict and where its outputs are."""
+
+    passed: bool
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    quarantined: int = 0
+    published: Path | None = None
+    data_docs: Path | None = None
+    summary_path: Path | None = None
+    quarantine_path: Path | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(p["clean_rows"] for p in self.parts)
+
+    def to_dict(self, root: Path = Path(".")) -> dict[str, Any]:
+        """JSON-ready, paths relative to ``root`` so the summary is the same on every machine."""
+        return {
+            "passed": self.passed,
+            "rows_published": self.rows if self.passed else 0,
+            "quarantined": self.quarantined,
+            "parts": self.parts,
+            "failures": [f.to_dict() for f in self.failures],
+            "warnings": [f.to_dict() for f in self.warnings],
+            "dataset": display_path(self.published, root) if self.published else None,
+            "data_docs": display_path(self.data_docs, root) if self.data_docs else None,
+        }
+
+
+def findings_from_result(result: dict[str, Any], source: str, settings: Settings) -> list[Finding]:
+    """One finding per failed expectation of a GX validation result (``to_json_dict()``)."""
+    findings = []
+    for outcome in result["results"]:
+        if outcome["success"]:
+            continue
+        config = outcome["expectation_config"]
+        rule = (config.get("meta") or {}).get("rule", "dataset_contract")
+        detail_result = outcome.get("result") or {}
+        exception = (outcome.get("exception_info") or {}).get("exception_message")
+        rows = [int(item["source_row"]) for item in detail_result.get("unexpected_index_list") or []]
+        values = [str(v) for v in (detail_result.get("partial_unexpected_list") or [])]
+        if exception:
+            detail = f"{config['type']} could not run: {exception}"
+        elif "observed_value" in detail_result:
+            detail = f"{RULES[rule].meaning if rule in RULES else config['type']}: observed {_plain_value(detail_result['observed_value'])}"
+            low, high = config["kwargs"].get("min_value"), config["kwargs"].get("max_value")
+            bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+            detail += f", expected {' and '.join(b for b in bounds if b)}" if any(bounds) else ""
+        else:
+            detail = RULES[rule].meaning if rule in RULES else config["type"]
+        count = int(detail_result.get("unexpected_count") or len(rows))
+        findings.append(Finding(rule, source, settings.validation.policy(rule), rows, values, count, detail))
+    # Row problems in file order, then whole-drop problems.
+    return sorted(findings, key=lambda f: (not f.rows, f.rows[0] if f.rows else 0))
+
+
+def _plain_value(value: Any) -> Any:
+    """numpy scalars as plain numbers, rounded for people."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return round(value, 4) if isinstance(value, float) else value
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass
+class _Tools:
+    """What every part needs, built once per run."""
+
+    counter: TokenCounter
+    index: BenchmarkIndex
+    max_tokens: int
+    checkpoint: Any
+    data_docs: Path
+    pii_allow: re.Pattern[str] | None
+
+
+_COUNTERS: dict[tuple[str, float], TokenCounter] = {}
+
+
+def _token_counter(path: Path) -> TokenCounter:
+    """One tokenizer per folder and process (reloaded when its files change)."""
+    stamp = max((p.stat().st_mtime for p in Path(path).glob("*") if p.is_file()), default=0.0)
+    key = (str(Path(path).resolve()), stamp)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = TokenCounter(path)
+    return _COUNTERS[key]
+
+
+def _tools(settings: Settings, reports: Path) -> _Tools:
+    cfg = settings.validation
+    if not settings.tokenizer_path.is_dir():
+        raise SettingsError(f"base_model / validate.tokenizer: {settings.tokenizer_path} is not a folder")
+    counter = _token_counter(settings.tokenizer_path)
+    max_tokens = cfg.max_tokens or context_length(settings.path(settings.base_model))
+    if not max_tokens:
+        model_max = getattr(counter.tokenizer, "model_max_length", None)
+        max_tokens = model_max if isinstance(model_max, int) and model_max < 10**7 else None
+    if not max_tokens:
+        raise SettingsError("validate.max_tokens: the base model states no context length; set it")
+    contamination = cfg.contamination
+    try:
+        files = benchmark_files(contamination.benchmarks, settings.root)
+    except FileNotFoundError as error:
+        raise SettingsError(str(error)) from None
+    cache = settings.path(contamination.cache_dir) if contamination.cache_dir else None
+    index = BenchmarkIndex.load_or_build(
+        files, settings.root, cache, contamination.ngram, contamination.max_item_frequency
+    )
+    context = gx_context(settings.path(cfg.gx_dir), reports / "gx")
+    try:
+        checkpoint = context.checkpoints.get(CHECKPOINT)
+    except Exception as error:
+        raise SettingsError(
+            f"validate.gx_dir: checkpoint {CHECKPOINT!r} not found ({error}); run --init-gx"
+        ) from None
+    docs = reports / "gx" / "data_docs" / "index.html"
+    return _Tools(counter, index, int(max_tokens), checkpoint, docs, allow_pattern(cfg.pii_allow))
+
+
+def derive_columns(rows: list[dict[str, Any]], tools: _Tools) -> dict[str, list[Any]]:
+    """The per-row columns the suite judges: content checks, token counts, contamination."""
+    derived: dict[str, list[Any]] = {name: [] for name in CONTENT_CHECKS}
+    for row in rows:
+        for name, value in row_checks(row, tools.pii_allow).items():
+            derived[name].append(value)
+    derived["n_tokens"] = tools.counter.count(
+        [row["messages"] or [] for row in rows], tools.max_tokens
+    ).tolist()
+    queries = []
+    for row in rows:
+        if row["format"] == "chat":
+            prompts = [m["content"] for m in row["messages"] or [] if m["role"] == "user"]
+            texts = [m["content"] for m in row["messages"] or [] if m["role"] != "system"]
+        elif row["format"] == "unknown":
+            prompts, texts = [], []
+        else:
+            prompts = [t for t in (row["instruction"], row["input"]) if t]
+            texts = [*prompts, *([row["output"]] if row["output"] else [])]
+        queries.append((prompts, texts))
+    derived[check_column("contamination")] = [str(m) if m else None for m in tools.index.check(queries)]
+    return derived
+
+
+def _gx_frame(rows: list[dict[str, Any]], derived: dict[str, list[Any]]) -> pd.DataFrame:
+    columns: dict[str, Any] = {}
+    for name in GX_COLUMNS:
+        values = derived[name] if name in derived else [row[name] for row in rows]
+        if name == "duplicate":
+            columns[name] = np.asarray(values, dtype=np.int8)
+        elif name in ("source_row", "n_tokens"):
+            columns[name] = np.asarray(values, dtype=np.int64)
+        else:
+            columns[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(columns)
+
+
+def _validate_part(
+    entry: dict[str, Any], table: pa.Table, settings: Settings, tools: _Tools
+) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts)."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    cfg = settings.validation
+    source = entry["source"]
+    rows = table.to_pylist()
+    derived = derive_columns(rows, tools)
+    frame = _gx_frame(rows, derived)
+    result = tools.checkpoint.run(
+        batch_parameters={"dataframe": frame},
+        expectation_parameters={
+            "min_rows": cfg.min_rows,
+            "max_duplicate_rate": cfg.max_duplicate_rate,
+            "max_tokens": tools.max_tokens,
+        },
+        run_id=RunIdentifier(run_name=Path(entry["file"]).stem),  # GX keys allow no "/"
+    )
+    findings: list[Finding] = []
+    for validation in result.run_results.values():
+        findings += findings_from_result(validation.to_json_dict(), source, settings)
+    position = {row["source_row"]: i for i, row in enumerate(rows)}
+    reasons: dict[int, list[tuple[str, str]]] = {}
+    for finding in findings:
+        if finding.policy == "quarantine":
+            for number in finding.rows:
+                index = position[number]
+                if finding.rule == "max_tokens":
+                    reason = f"{derived['n_tokens'][index]} tokens > {tools.max_tokens}"
+                else:
+                    reason = str(frame.at[index, check_column(finding.rule)])
+                reasons.setdefault(index, []).append((finding.rule, reason))
+    clean, quarantined = [], []
+    for index, row in enumerate(rows):
+        if index in reasons:
+            rules = reasons[index]
+            quarantined.append(
+                {"rules": [r for r, _ in rules], "reasons": [why for _, why in rules], **_content(row)}
+            )
+        elif not row["duplicate"]:
+            clean.append({**_content(row), "n_tokens": derived["n_tokens"][index]})
+    if len(clean) < cfg.min_rows and not any(f.rule == "min_rows" for f in findings):
+        detail = f"only {len(clean)} clean new rows remain after quarantine and de-duplication (minimum {cfg.min_rows})"
+        findings.append(Finding("min_rows", source, cfg.policy("min_rows"), detail=detail))
+    counts = {
+        "source": source,
+        "rows": len(rows),
+        "duplicates": int(sum(row["duplicate"] for row in rows)),
+        "quarantined": len(quarantined),
+        "clean_rows": len(clean),
+    }
+    return findings, clean, quarantined, counts
+
+
+def _content(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[name] for name in DATASET_SCHEMA.names if name in row}
+
+
+def validate(
+    settings: Settings,
+    ingested_dir: Path | None = None,
+    publish_dir: Path | None = None,
+    reports_dir: Path | None = None,
+    publish: bool = True,
+) -> ValidationReport:
+    """Validate ``ingested_dir`` (default ``ingest.out_dir``); publish when it passes.
+
+    ``publish_dir`` defaults to ``validate.dataset_dir``; ``publish=False`` only checks.
+    Raises :class:`DataValidationError` (after writing the summary and Data Docs) when a
+    ``fail`` rule broke; nothing is published then.
+    """
+    cfg = settings.validation
+    ingested = Path(ingested_dir) if ingested_dir else settings.path(settings.ingest.out_dir)
+    reports = Path(reports_dir) if reports_dir else settings.path(cfg.reports_dir)
+    reports.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(ingested)
+    tools = _tools(settings, reports)
+    report = ValidationReport(passed=False, data_docs=tools.data_docs)
+    target = (Path(publish_dir) if publish_dir else settings.path(cfg.dataset_dir)) if publish else None
+    scratch_parent = tempfile.TemporaryDirectory(prefix="milora-validate-")
+    staging = atomic_directory(target) if target else _plain(Path(scratch_parent.name) / "dataset")
+    quarantine_tmp = reports / f".quarantine.jsonl.tmp-{os.getpid()}"
+    try:
+        with staging as scratch, quarantine_tmp.open("w", encoding="utf-8", newline="\n") as quarantine:
+            parts = []
+            for entry, table in tqdm(
+                iter_parts(ingested), total=len(manifest["parts"]), desc="validate", unit="part", disable=None
+            ):
+                findings, clean, bad, counts = _validate_part(entry, table, settings, tools)
+                report.parts.append(counts)
+                report.failures += [f for f in findings if f.policy == "fail"]
+                report.warnings += [f for f in findings if f.policy != "fail"]
+                for finding in findings:
+                    log = logger.error if finding.policy == "fail" else logger.warning
+                    log("%s (policy %s)", finding.line(), finding.policy)
+                report.quarantined += len(bad)
+                for row in bad:
+                    quarantine.write(json.dumps(row, ensure_ascii=False) + "\n")
+                if report.failures:
+                    continue  # keep checking the other parts, write nothing
+                with PartWriter(scratch / entry["file"], DATASET_SCHEMA) as writer:
+                    for row in clean:
+                        writer.write(row)
+                parts.append(
+                    {
+                        "file": entry["file"],
+                        "source": entry["source"],
+                        "sha256": entry["sha256"],
+                        "rows": len(clean),
+                    }
+                )
+            report.passed = not report.failures
+            _write_summary(reports, report, settings.root)
+            if not report.passed:
+                raise DataValidationError(report.failures, data_docs=str(tools.data_docs))
+            write_manifest(
+                scratch,
+                {"format_version": FORMAT_VERSION, "parts": parts, "rows": sum(p["rows"] for p in parts)},
+            )
+        report.quarantine_path = reports / "quarantine.jsonl"
+        os.replace(quarantine_tmp, report.quarantine_path)
+    finally:
+        quarantine_tmp.unlink(missing_ok=True)
+        scratch_parent.cleanup()
+    report.published = target
+    _write_summary(reports, report, settings.root)
+    logger.info(
+        "validation passed: %d rows%s, %d quarantined; Data Docs: %s",
+        report.rows, f" published to {target}" if target else "", report.quarantined, tools.data_docs,
+    )  # fmt: skip
+    return report
+
+
+class _plain:
+    """A scratch folder with the same shape as :func:`atomic_directory` (check-only runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        (self.path / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _write_summary(reports: Path, report: ValidationReport, root: Path) -> None:
+    report.summary_path = reports / "summary.json"
+    scratch = reports / f".summary.json.tmp-{os.getpid()}"
+    scratch.write_text(json.dumps(report.to_dict(root), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(scratch, report.summary_path)
+
+
+def check_files(
+    settings: Settings, paths: Sequence[str | Path], reports_dir: Path | None = None
+) -> ValidationReport:
+    """Ingest ``paths`` into a scratch folder and validate them; publishes nothing."""
+    with tempfile.TemporaryDirectory(prefix="milora-check-") as scratch:
+        ingest(settings, paths, Path(scratch) / "ingested")
+        return validate(settings, Path(scratch) / "ingested", reports_dir=reports_dir, publish=False)
+
+
+validate_task = task(
+    name="validate",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_io_error,
+    cache_policy=NO_CACHE,
+)(validate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.validate", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", help="files to check (ingest + validate, nothing published)")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
+    parser.add_argument("--ingested", type=Path, help="ingested folder to validate (default: ingest.out_dir)")
+    parser.add_argument(
+        "--out", type=Path, help="where to publish the dataset (default: validate.dataset_dir)"
+    )
+    parser.add_argument("--reports", type=Path, help="reports folder (default: validate.reports_dir)")
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="RULE=POLICY",
+        help="override a rule's policy, e.g. pii_email=warn",
+    )
+    parser.add_argument(
+        "--init-gx", action="store_true", help="(developers) create/update the GX project in gx_dir"
+    )
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.policy:
+        rule, sep, policy = item.partition("=")
+        if not sep:
+            parser.error(f"--policy expects RULE=POLICY, got {item!r}")
+        overrides[f"validate.policies.{rule.strip()}"] = policy.strip()
+    settings = load_settings(args.params, overrides)
+    reports = args.reports or settings.path(settings.validation.reports_dir)
+    if args.init_gx:
+        print(
+            f"GX project written to {build_gx_project(settings.path(settings.validation.gx_dir), reports / 'gx')}"
+        )
+        return 0
+    if args.paths:
+        report = check_files(settings, args.paths, args.reports)
+    else:
+        report = validate(settings, args.ingested, args.out, args.reports)
+    print(
+        f"passed: {report.rows} clean rows, {report.quarantined} quarantined, {len(report.warnings)} warnings\n"
+        f"  summary: {report.summary_path}\n  Data Docs: {report.data_docs}"
+        + (f"\n  quarantine: {report.quarantine_path}" if report.quarantined else "")
+        + (f"\n  dataset: {report.published}" if report.published else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)
