@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from llama_shapes import LLAMA2_7B, QUARTER, TARGETS, build_model
 
-from milora import DecompositionCache, init_adapter
+from milora import DecompositionCache, decompose, init_adapter
 from milora.initialize import lora_layers
 
 logger = logging.getLogger("benchmarks.svd_init")
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir", default=None, help="keep the decomposition cache here (default: temporary)"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; the median is reported")
     parser.add_argument(
         "--accuracy-sample", type=int, default=None, help="matrices checked against float64 SVD"
     )
@@ -105,19 +107,30 @@ def main() -> None:
     n_matrices = n_layers * len(TARGETS)
 
     # The reference is timed on the first ``ref_layers`` layers (all of them by default on
-    # the CPU) and scaled to the full model: each layer holds the same five shapes.
+    # the CPU) and scaled to the full model: each layer holds the same five shapes. Both
+    # solvers are warmed up first, and with --repeat N the median of N alternating runs
+    # is reported (on a shared CPU single runs vary by 20% or more).
     ref_shape = {**shape, "layers": ref_layers}
-    ref_model, ref_seconds = timed_init(ref_shape, args, TARGETS, solver="svd32", progress=False)
+    warm = torch.randn(64, 48, device=args.device)
+    for solver in ("svd32", "gram"):
+        decompose(warm, 4, "minor", solver)
+    ref_times, ours_times, cached_times = [], [], []
+    for _ in range(args.repeat):
+        ref_model, seconds = timed_init(ref_shape, args, TARGETS, solver="svd32", progress=False)
+        ref_times.append(seconds)
+        print(f"reference float32 SVD: {seconds:.2f} s on {ref_layers * len(TARGETS)} matrices", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache_dir = args.cache_dir or tmp
+            ours, seconds = timed_init(shape, args, TARGETS, cache=DecompositionCache(cache_dir))
+            ours_times.append(seconds)
+            print(f"project init (cold cache): {seconds:.2f} s on {n_matrices} matrices", flush=True)
+            cached, seconds = timed_init(shape, args, TARGETS, cache=DecompositionCache(cache_dir))
+            assert cached.milora_init.cache_hits == n_matrices
+            cached_times.append(seconds)
+            del cached
+            print(f"project init (cached): {seconds:.3f} s", flush=True)
+    ref_seconds, ours_seconds, cached_seconds = map(statistics.median, (ref_times, ours_times, cached_times))
     projected = ref_seconds * n_layers / ref_layers
-    print(f"reference float32 SVD: {ref_seconds:.2f} s on {ref_layers * len(TARGETS)} matrices", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache_dir = args.cache_dir or tmp
-        ours, ours_seconds = timed_init(shape, args, TARGETS, cache=DecompositionCache(cache_dir))
-        print(f"project init (cold cache): {ours_seconds:.2f} s on {n_matrices} matrices", flush=True)
-        cached, cached_seconds = timed_init(shape, args, TARGETS, cache=DecompositionCache(cache_dir))
-        assert cached.milora_init.cache_hits == n_matrices
-        del cached
-        print(f"project init (cached): {cached_seconds:.3f} s", flush=True)
     # Accuracy on the shapes of the first layers (all matrices unless --accuracy-sample).
     names = list(lora_layers(ref_model))
     sample = names[: args.accuracy_sample] if args.accuracy_sample else names
@@ -140,6 +153,7 @@ def main() -> None:
         "ours_max_sine": float(f"{sines['ours']:.3g}"),
         "reference_max_sine": float(f"{sines['reference']:.3g}"),
         "sine_checked_matrices": len(sample),
+        "repeats": args.repeat,
     }
     print(
         f"speedup {result['speedup']}x, cached {result['cached_speedup']}x; worst sine ours "

@@ -14,7 +14,6 @@ rebuild W_res from the stock base and to convert the trained adapter for serving
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,8 +70,8 @@ def init_adapter(
     solver as keywords. ``device`` is where decompositions run (default: CUDA when
     available, one matrix at a time, else where the weight lives). ``cache`` skips
     decompositions already done for these exact weights. ``seed`` fixes plain LoRA's
-    random A. ``workers`` is how many matrices are decomposed at once on the CPU
-    (default: one per core).
+    random A. ``workers`` > 1 decomposes that many matrices at once on the CPU, each
+    with one BLAS thread (default 1: on a 2-core machine that was faster, see README).
     """
     if spec is None:
         spec = AdapterSpec(
@@ -179,10 +178,10 @@ def _decompose_all(
 ) -> dict[str, Components]:
     """Components of every layer's base weight, from the cache or decomposed.
 
-    On the CPU, ``workers`` threads each decompose one matrix with single-threaded BLAS:
-    the tridiagonal reduction is memory-bound and scales poorly across cores, so several
-    matrices at once use the cores better than one matrix on all of them. On an
-    accelerator matrices go one at a time, so peak memory stays near the model's size.
+    On the CPU, ``workers`` > 1 threads each decompose one matrix with single-threaded BLAS
+    (can pay on many-core hosts, where the memory-bound tridiagonal reduction scales poorly;
+    on 2 cores it measured slower than one matrix at a time on both). On an accelerator
+    matrices go one at a time, so peak memory stays near the model's size.
     """
 
     def one(name: str) -> tuple[str, Components]:
@@ -198,7 +197,7 @@ def _decompose_all(
         return name, found
 
     on_cpu = (device or next(iter(layers.values())).get_base_layer().weight.device).type == "cpu"
-    n_workers = min(workers or os.cpu_count() or 1, len(layers)) if on_cpu else 1
+    n_workers = min(workers or 1, len(layers)) if on_cpu else 1
     bar = tqdm(total=len(layers), desc=f"{spec.method} init", unit="matrix", disable=not progress)
     results: dict[str, Components] = {}
     with bar:
