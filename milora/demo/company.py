@@ -1,0 +1,355 @@
+"""Fictional company data: what fine-tuning must teach the base model.
+
+Two monthly drops mimic how company data arrives in production: the first
+(``drop_2026_10``) holds the product catalogue and policies; the second
+(``drop_2026_11``) adds new products and *changes* two policies, so a model
+tuned on both must also overwrite an old answer. Each fact is asked with four
+question templates: three go into training records, the fourth is held out
+for evaluation, so held-out questions need the fact but not the wording.
+Nothing here reaches the base model's pretraining corpus; only the tokenizer
+sees this text (a production tokenizer has seen the domain's words too).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from milora.demo.files import write_json, write_jsonl
+from milora.demo.names import NameForge
+
+DROPS = ("drop_2026_10", "drop_2026_11")
+"""Monthly data drops, in arrival order."""
+
+_CATEGORIES = (
+    "Kettle", "Speaker", "Lamp", "Router", "Thermostat", "Camera", "Scale",
+    "Fan", "Heater", "Purifier", "Blender", "Doorbell", "Toaster", "Clock",
+    "Humidifier", "Projector", "Charger", "Monitor",
+)  # fmt: skip
+N_PRODUCTS = {"drop_2026_10": 12, "drop_2026_11": 6}
+_POLICY_LABELS = {
+    "return_window": "the return window",
+    "free_shipping": "the free shipping threshold",
+    "support_hours": "support is open",
+    "support_email": "the support address",
+    "reply_time": "the email reply time",
+    "restocking_fee": "the restocking fee",
+}
+
+_ASK_INSTRUCTIONS = (
+    "Answer the customer's question.",
+    "Reply to this customer message as the support assistant.",
+    "Using company policy, answer the question below.",
+)
+
+
+@dataclass(frozen=True)
+class FactKind:
+    """Question templates (``{p}`` = product) and answer sentences (``{a}`` = answer)."""
+
+    questions: tuple[str, str, str, str]
+    answers: tuple[str, ...]
+
+
+PRODUCT_FACTS: dict[str, FactKind] = {
+    "price": FactKind(
+        (
+            "How much does the {p} cost?",
+            "What is the price of the {p}?",
+            "How much do I have to pay for the {p}?",
+            "What does the {p} sell for?",
+        ),
+        ("The {p} costs {a}.", "The {p} is priced at {a}.", "You can buy the {p} for {a}."),
+    ),
+    "sku": FactKind(
+        (
+            "What is the product code of the {p}?",
+            "Which SKU does the {p} have?",
+            "What code should I use to order the {p}?",
+            "Tell me the article number of the {p}.",
+        ),
+        (
+            "The product code of the {p} is {a}.",
+            "The {p} has the SKU {a}.",
+            "Order the {p} with the code {a}.",
+        ),
+    ),
+    "warranty": FactKind(
+        (
+            "How long is the warranty on the {p}?",
+            "What warranty comes with the {p}?",
+            "For how long is the {p} covered by warranty?",
+            "How many months of warranty does the {p} have?",
+        ),
+        (
+            "The {p} comes with a {a} warranty.",
+            "The warranty on the {p} lasts {a}.",
+            "The {p} is covered for {a} from the date of purchase.",
+        ),
+    ),
+    "reset": FactKind(
+        (
+            "How do I reset the {p}?",
+            "How long should I hold the reset button on the {p}?",
+            "What is the reset procedure for the {p}?",
+            "My {p} is frozen. How do I restart it from scratch?",
+        ),
+        (
+            "To reset the {p}, hold the reset button for {a} until the light blinks.",
+            "Hold the reset button of the {p} for {a}; the light blinks when the reset starts.",
+            "Press and hold the reset button on the {p} for {a}, then wait for the light to blink.",
+        ),
+    ),
+}
+
+POLICY_FACTS: dict[str, FactKind] = {
+    "return_window": FactKind(
+        (
+            "How many days do I have to return a product?",
+            "What is your return window?",
+            "How long can I wait before returning an item?",
+            "Within how many days must a return be made?",
+        ),
+        (
+            "You can return any product within {a} of delivery for a full refund.",
+            "Returns are accepted within {a} of delivery.",
+            "Our return window is {a} from the day your order arrives.",
+        ),
+    ),
+    "free_shipping": FactKind(
+        (
+            "From what order total is shipping free?",
+            "How much do I need to spend to get free shipping?",
+            "What is the minimum order for free shipping?",
+            "When is delivery free of charge?",
+        ),
+        (
+            "Shipping is free on orders of {a} or more.",
+            "Orders of {a} or more ship for free.",
+            "Delivery costs nothing once your order reaches {a}.",
+        ),
+    ),
+    "support_hours": FactKind(
+        (
+            "When is customer support available?",
+            "What are your support hours?",
+            "At what times can I reach support?",
+            "When can I call the help line?",
+        ),
+        (
+            "Our support team is available every day from {a}.",
+            "You can reach support daily from {a}.",
+            "The help line is open from {a}, every day of the week.",
+        ),
+    ),
+    "support_email": FactKind(
+        (
+            "What email address should I write to for help?",
+            "How do I contact support by email?",
+            "Where do I send an email if I need help?",
+            "What is the support email address?",
+        ),
+        (
+            "Write to {a} and we will help you.",
+            "Send your question to {a}.",
+            "Our support address is {a}.",
+        ),
+    ),
+    "reply_time": FactKind(
+        (
+            "How quickly does support answer emails?",
+            "How long until I get a reply from support?",
+            "When can I expect an answer to my email?",
+            "What is the response time for support emails?",
+        ),
+        (
+            "We answer every email within {a}.",
+            "Expect a reply from support within {a}.",
+            "Support replies to emails within {a}.",
+        ),
+    ),
+    "restocking_fee": FactKind(
+        (
+            "How much is the restocking fee for opened items?",
+            "What fee do you charge when I return an opened product?",
+            "Is there a charge for returning opened items, and how much?",
+            "What percentage is kept when an opened item is returned?",
+        ),
+        (
+            "Opened items carry a restocking fee of {a}.",
+            "We keep a restocking fee of {a} on opened items.",
+            "For opened products the restocking fee is {a}.",
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Product:
+    """One catalogue entry."""
+
+    name: str
+    category: str
+    price: str
+    sku: str
+    warranty: str
+    reset: str
+
+    def fact(self, kind: str) -> str:
+        return str(getattr(self, kind))
+
+
+@dataclass
+class Company:
+    """The fictional company and its facts per drop."""
+
+    name: str
+    system_prompt: str
+    products: dict[str, list[Product]]
+    policies: dict[str, dict[str, str]]
+
+
+def make_company(seed: int) -> Company:
+    """Invent the company, its catalogue per drop and its policies (two change in Nov)."""
+    rng = random.Random(f"company-{seed}")
+    forge = NameForge(rng)
+    name = f"{forge.name((2, 2))} Home"
+    domain = name.split()[0].lower()
+    prefix = (name[:1] + rng.choice("HKQVX")).upper()
+    categories = list(_CATEGORIES)
+    rng.shuffle(categories)
+    products: dict[str, list[Product]] = {}
+    for drop in DROPS:
+        products[drop] = []
+        for _ in range(N_PRODUCTS[drop]):
+            category = categories.pop()
+            products[drop].append(
+                Product(
+                    name=f"{forge.name((2, 2))} {category}",
+                    category=category.lower(),
+                    price=f"${rng.randint(19, 399)}",
+                    sku=f"{prefix}-{rng.randint(1000, 9999)}",
+                    warranty=f"{rng.choice((6, 12, 18, 24, 36))} months",
+                    reset=f"{rng.randint(3, 15)} seconds",
+                )
+            )
+    october = {
+        "return_window": "30 days",
+        "free_shipping": f"${rng.choice((60, 75, 90))}",
+        "support_hours": "8am to 6pm",
+        "support_email": f"help@{domain}.example",
+        "reply_time": f"{rng.choice((24, 48))} hours",
+        "restocking_fee": f"{rng.choice((10, 15, 20))}%",
+    }
+    november = {"return_window": "45 days", "free_shipping": "$50"}
+    system_prompt = (
+        f"You are the customer support assistant of {name}. "
+        "Answer questions about products and policies accurately and briefly."
+    )
+    return Company(
+        name=name,
+        system_prompt=system_prompt,
+        products=products,
+        policies={DROPS[0]: october, DROPS[1]: november},
+    )
+
+
+def _record(rng: random.Random, question: str, answer: str) -> dict[str, str]:
+    """An Alpaca record; a third of them put the question in ``input``."""
+    if rng.random() < 1 / 3:
+        return {"instruction": rng.choice(_ASK_INSTRUCTIONS), "input": question, "output": answer}
+    return {"instruction": question, "input": "", "output": answer}
+
+
+def _describe(company: Company, product: Product) -> dict[str, str]:
+    """A multi-fact product description record (no held-out counterpart)."""
+    return {
+        "instruction": f"Describe the {product.name} in two sentences.",
+        "input": "",
+        "output": (
+            f"The {product.name} is a {product.category} from {company.name}, priced at "
+            f"{product.price}. It has the product code {product.sku} and a warranty of "
+            f"{product.warranty}."
+        ),
+    }
+
+
+def build_drop(company: Company, drop: str, seed: int) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Training records (Alpaca form) and held-out questions for one drop."""
+    rng = random.Random(f"{drop}-{seed}")
+    records: list[dict[str, str]] = []
+    heldout: list[dict[str, Any]] = []
+
+    def add_fact(kind: FactKind, fact_id: str, kind_name: str, slots: dict[str, str]) -> None:
+        # The held-out phrasing depends on the fact kind only, never on the drop: a policy
+        # question held out in November must not be a training question in October.
+        held = random.Random(f"{kind_name}-{seed}").randrange(len(kind.questions))
+        for index, template in enumerate(kind.questions):
+            question = template.format(**slots)
+            if index == held:
+                heldout.append(
+                    {
+                        "answer": slots["a"],
+                        "drop": drop,
+                        "id": fact_id,
+                        "kind": kind_name,
+                        "question": question,
+                    }
+                )
+            else:
+                answer = rng.choice(kind.answers).format(**slots)
+                records.append(_record(rng, question, answer))
+
+    for product in company.products[drop]:
+        for kind_name, kind in PRODUCT_FACTS.items():
+            slots = {"p": product.name, "a": product.fact(kind_name)}
+            add_fact(kind, f"{kind_name}:{product.name}", kind_name, slots)
+        records.append(_describe(company, product))
+    for kind_name, value in company.policies[drop].items():
+        add_fact(POLICY_FACTS[kind_name], f"{kind_name}:{company.name}", kind_name, {"a": value})
+
+    if drop != DROPS[0]:
+        new = ", ".join(p.name for p in company.products[drop])
+        changes = "; ".join(f"{_POLICY_LABELS[k]} is now {v}" for k, v in company.policies[drop].items())
+        records.append(
+            {
+                "instruction": "What changed this month?",
+                "input": "",
+                "output": f"New products: {new}. Policy updates: {changes}.",
+            }
+        )
+    rng.shuffle(records)
+    return records, heldout
+
+
+def to_chat(record: dict[str, str], system_prompt: str) -> dict[str, Any]:
+    """The same record as chat ``messages`` (system, user, assistant)."""
+    user = record["instruction"]
+    if record["input"]:
+        user = f"{user}\n\n{record['input']}"
+    return {
+        "messages": [
+            {"content": system_prompt, "role": "system"},
+            {"content": user, "role": "user"},
+            {"content": record["output"], "role": "assistant"},
+        ]
+    }
+
+
+def write_company(out_dir: Path, seed: int) -> dict[str, int]:
+    """Write each drop's ``train_alpaca.jsonl``, ``train_chat.jsonl`` and ``heldout.jsonl``."""
+    company = make_company(seed)
+    counts: dict[str, int] = {}
+    for drop in DROPS:
+        records, heldout = build_drop(company, drop, seed)
+        folder = out_dir / drop
+        counts[f"{drop}/train"] = write_jsonl(folder / "train_alpaca.jsonl", records)
+        write_jsonl(folder / "train_chat.jsonl", (to_chat(r, company.system_prompt) for r in records))
+        counts[f"{drop}/heldout"] = write_jsonl(folder / "heldout.jsonl", heldout)
+    write_json(
+        out_dir / "company.json",
+        {"drops": list(DROPS), "name": company.name, "system_prompt": company.system_prompt},
+    )
+    return counts
