@@ -14,17 +14,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-# Nothing here calls out: every tool's telemetry off and the model hub offline.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-}.items():
+from milora.offline import OFFLINE_ENV
+
+# Nothing here calls out: every tool's telemetry off and the model hub offline (a user's
+# explicit setting wins).
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 logger = logging.getLogger("tasks")

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import os
 
-# No network here, and none wanted from tests: every tool's telemetry off, hub offline.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ[_key] = _value
+from milora.offline import OFFLINE_ENV
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+# No network here, and none wanted from tests: every tool's telemetry off, hub offline.
+os.environ.update(OFFLINE_ENV)
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 
 def decaying_matrix(n_out: int, n_in: int, seed: int, low: float = -3.0) -> torch.Tensor:
@@ -42,18 +34,19 @@ def give_decaying_spectra(model: torch.nn.Module, scale: float = 0.5) -> torch.n
     return model
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **config: int | None) -> LlamaForCausalLM:
+    """Two LLaMA layers (hidden 64) with decaying spectra; ``config`` overrides LlamaConfig."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=64,
-    )
-    model = give_decaying_spectra(LlamaForCausalLM(config))
+    shape = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 97,
+        "max_position_embeddings": 64,
+    }
+    model = give_decaying_spectra(LlamaForCausalLM(LlamaConfig(**{**shape, **config})))
     return model.to(dtype).eval()
 
 
@@ -124,19 +117,13 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("chat") / "tiny-chat-llama"
     texts = [m["content"] for c in company_conversations(64) for m in c] + [CHAT_TEMPLATE]
     tokenizer = build_tokenizer(texts)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    model = tiny_llama(
         vocab_size=len(tokenizer),
         max_position_embeddings=128,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    give_decaying_spectra(LlamaForCausalLM(config)).save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)
