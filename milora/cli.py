@@ -218,6 +218,7 @@ def train(
     logging_steps: Annotated[int, typer.Option()] = 10,
     seed: Annotated[int, typer.Option()] = 42,
     cache_dir: Annotated[Path | None, typer.Option(help="decomposition cache folder")] = None,
+    restart: Annotated[bool, typer.Option(help="clear a run folder left by other data/settings")] = False,
     trust_remote_code: RemoteCode = False,
 ) -> None:
     """Train an adapter; rerun the same command to resume from the last checkpoint.
@@ -245,11 +246,65 @@ def train(
         config,
         cache_dir=cache_dir,
         trust_remote_code=trust_remote_code,
+        restart=restart,
     )
     console.print(
         f"trained {result.global_step} steps ({result.examples} examples, loss {result.train_loss:.4f}) "
         f"-> {result.adapter_dir}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else "")
     )
+
+
+@app.command()
+def evaluate(
+    base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the base model")],
+    adapter: Annotated[Path, typer.Argument(help="adapter folder (milora train's run_dir/adapter)")],
+    out: Annotated[Path, typer.Argument(help="results folder (replaced as a whole)")],
+    params: Annotated[Path, typer.Option(help="params.yaml whose evaluate.suites to run")] = Path(
+        "params.yaml"
+    ),
+    suite: Annotated[list[str] | None, typer.Option(help="run only these suites (repeatable)")] = None,
+    merged: Annotated[bool, typer.Option(help="evaluate merged weights instead of base + adapter")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="default: evaluate.batch_size")] = None,
+    trust_remote_code: RemoteCode = False,
+) -> None:
+    """Score the base and base + adapter on the suites of params.yaml; print the comparison."""
+    from milora.evaluation.runner import evaluate_adapter
+    from milora.settings import load_settings
+
+    settings = load_settings(params)
+    cfg = settings.evaluation
+    suites = cfg.suites
+    if suite:
+        unknown = sorted(set(suite) - set(suites))
+        if unknown:
+            raise typer.BadParameter(f"unknown suite(s) {unknown}; {params} defines {sorted(suites)}")
+        suites = {name: suites[name] for name in suite}
+    _, rows = evaluate_adapter(
+        base,
+        adapter,
+        suites,
+        settings.root,
+        out,
+        batch_size=batch_size or cfg.batch_size,
+        cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
+        merged=merged,
+        trust_remote_code=trust_remote_code,
+    )
+    table = Table(title=f"{adapter} vs {base}")
+    for column in ("suite", "metric", "n", "base", "adapter", "change", "forgetting"):
+        table.add_column(column, justify="left" if column in ("suite", "metric") else "right")
+    for row in rows:
+        table.add_row(
+            row.suite,
+            row.metric,
+            str(row.n),
+            "" if row.base is None else f"{row.base:.4f}",
+            f"{row.adapter:.4f}",
+            "" if row.change is None else f"{row.change:+.4f}",
+            "" if row.forgetting is None else f"{row.forgetting:.4f}",
+        )
+    console.print(table)
+    console.print(f"results: {out}")
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from milora.decomposition import SOLVERS
-
 METHODS: tuple[str, ...] = ("milora", "pissa", "lora")
+# Decomposition routes (milora.decomposition): auto picks Gram or float64 SVD per matrix.
+SOLVERS: tuple[str, ...] = ("auto", "gram", "svd64", "svd32")
 # The MiLoRA paper's targets for LLaMA-family models (LLM-Adapters setting).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 # Which end of the spectrum each SVD-initialised method takes.

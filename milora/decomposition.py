@@ -19,12 +19,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from milora.config import SOLVERS
+
 logger = logging.getLogger(__name__)
 
 Side = Literal["minor", "principal"]
 Solver = Literal["auto", "gram", "svd64", "svd32"]
 SIDES: tuple[str, ...] = ("minor", "principal")
-SOLVERS: tuple[str, ...] = ("auto", "gram", "svd64", "svd32")
 
 # A squared singular value below this multiple of (n * eps64 * sigma_max^2) is not resolved
 # reliably by the Gram route; such matrices take the float64 SVD instead.

@@ -14,13 +14,16 @@ are relative to the folder holding ``params.yaml`` (the repository root); use
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.data.rules import RULES, Policy, default_policies
+from milora.training.config import TrainConfig
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -130,6 +133,94 @@ class ValidateSettings(Section):
         return self.policies.get(rule, default_policies()[rule])  # type: ignore[return-value]
 
 
+class TrainSettings(Section):
+    """What adapter to train and with which hyperparameter profile.
+
+    ``profiles`` holds named sets of :class:`~milora.training.config.TrainConfig` fields:
+    ``paper`` is the MiLoRA paper's LLM-Adapters setting, ``demo`` a small budget that
+    fits the demo world on two CPU cores. ``profile`` picks one; ``dvc exp run -S
+    train.method=lora`` or ``-S train.profile=paper`` change a run without editing code.
+    """
+
+    method: str = Field("milora", description="milora, pissa or lora")
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0, description="null: r for milora/pissa, 2r for lora")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    solver: str = Field("auto", description="decomposition solver: auto, gram, svd64, svd32")
+    device: str | None = Field(None, description="SVD device; null = cuda when present, else cpu")
+    cache_dir: str | None = Field(".cache/svd", description="decomposition cache; null disables it")
+    run_dir: str = Field("outputs/train", description="checkpoints, metrics, adapters")
+    profile: str = Field("paper", description="key of profiles")
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"paper": {}})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not one of profiles: {sorted(self.profiles)}")
+        for name in self.profiles:
+            try:
+                self._config(name)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"profiles.{name}: {error}") from None
+        self.adapter_spec()
+        return self
+
+    def _config(self, name: str) -> TrainConfig:
+        values = self.profiles[name]
+        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown}; see milora/training/config.py")
+        return TrainConfig(**values)
+
+    def hyperparameters(self) -> TrainConfig:
+        """The selected profile as a validated :class:`TrainConfig`."""
+        return self._config(self.profile)
+
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec(
+            self.method, self.rank, self.alpha, tuple(self.target_modules), self.dropout, self.solver
+        )
+
+
+SuiteKind = Literal["qa", "commonsense", "gsm8k", "perplexity"]
+
+
+class SuiteSettings(Section):
+    """One evaluation suite: a file (or glob) in one of the supported formats.
+
+    ``prompt`` is ``chat`` (the tokenizer's chat template, as in training) or a format
+    string such as ``"Question: {question} Answer:"`` for a base model's own text format.
+    ``retention: true`` marks what the base model already knew: it is scored on the base
+    too and the drop is reported as forgetting.
+    """
+
+    kind: SuiteKind
+    path: str | list[str] = Field(description="file, glob or list of them (JSON list or JSONL)")
+    required: bool = Field(True, description="false: skipped with a warning when no file matches")
+    limit: int | None = Field(None, ge=1, description="first N items per file; null = all")
+    prompt: str = Field("chat", description="'chat' or a format string over the item's fields")
+    metric: str | None = Field(None, description="headline metric; null = the suite's default")
+    mode: Literal["generate", "loglik"] = Field("generate", description="commonsense protocol")
+    template: str = Field("{text}", description="perplexity: format string giving each text")
+    max_new_tokens: int | None = Field(None, ge=1, description="null = the suite's default")
+    retention: bool = Field(False, description="scored on the base too; drop = forgetting")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class EvaluateSettings(Section):
+    """Which suites score a trained adapter, and where the results go."""
+
+    out_dir: str = Field("outputs/eval", description="one JSON per suite, metrics.json, summary.md")
+    cache_dir: str | None = Field(".cache/eval", description="base-model results, keyed by weights + suite")
+    batch_size: int = Field(32, ge=1)
+    merged: bool = Field(False, description="evaluate merged weights instead of base + adapter")
+    suites: dict[str, SuiteSettings] = Field(default_factory=dict)
+
+
 class Settings(Section):
     """All of ``params.yaml``; ``root`` is the folder relative paths start from."""
 
@@ -137,6 +228,8 @@ class Settings(Section):
     base_model: str = Field("data/demo/base_model", description="Hugging Face model folder")
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     validation: ValidateSettings = Field(default_factory=ValidateSettings, alias="validate")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluation: EvaluateSettings = Field(default_factory=EvaluateSettings, alias="evaluate")
 
     @model_validator(mode="before")
     @classmethod

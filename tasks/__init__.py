@@ -3,7 +3,7 @@
 Every stage is ``stage(paths..., settings) -> report``, wrapped as a Prefect task (retried
 only for I/O errors: bad data fails the same way every time) and runnable as
 ``python -m tasks.<stage>`` so ``dvc.yaml`` calls the very same code. Exit codes: 0 done,
-1 bad data (the summary is printed), 2 bad parameters or usage.
+1 bad data or a failed run (the reason is printed), 2 bad parameters or usage.
 """
 
 from __future__ import annotations
@@ -42,6 +42,28 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user fixes from the message alone: printed without a traceback, exit 1."""
+    from milora.evaluation.runner import EvaluationInputError
+    from milora.training.loop import NonFiniteLossError
+    from milora.training.run import RunMismatchError
+
+    return (EvaluationInputError, NonFiniteLossError, RunMismatchError)
+
+
+def parse_overrides(items: list[str], parser: Any) -> dict[str, Any]:
+    """``KEY=VALUE`` command-line overrides of params.yaml (values parsed as YAML)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set expects KEY=VALUE (e.g. train.rank=8), got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def run_command(main: Callable[[], int]) -> None:
     """Run a stage's ``main`` with logging set up and the exit codes above."""
     from milora.data.errors import DataValidationError
@@ -60,5 +82,10 @@ def run_command(main: Callable[[], int]) -> None:
         code = 2
     except DataValidationError as error:
         print(error.summary(), file=sys.stderr)
+        code = 1
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        print(f"error: {error}", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -5,6 +5,7 @@
 * ``commonsense``: LLM-Adapters format (``instruction``, ``answer``), by generation plus
   first-label extraction (the paper's protocol) or by log-likelihood ranking of the labels.
 * ``gsm8k``: ``question`` / ``answer`` with ``#### n``, numeric final-answer match.
+* ``perplexity``: token perplexity of texts (held-out corpus text), lower is better.
 
 Prompts go through the same renderer as training (the tokenizer's chat template, else the
 Alpaca prompt), so a model is asked the way it was taught.
@@ -21,7 +22,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from milora.evaluation.generation import continuation_logprobs, greedy_generate
+from milora.evaluation.generation import continuation_logprobs, greedy_generate, perplexity
 from milora.evaluation.scoring import (
     answer_labels,
     exact_match,
@@ -36,6 +37,8 @@ from milora.evaluation.scoring import (
 from milora.training.examples import prompt_text
 
 COMMONSENSE_TARGET = "the correct answer is {label}"
+QA_METRICS = ("exact_match", "f1", "contains", "starts_with")
+LOWER_IS_BETTER = frozenset({"perplexity"})
 
 
 @dataclass
@@ -62,36 +65,73 @@ def _user_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> l
     return [prompt_text(tokenizer, [{"role": "user", "content": text}]) for text in texts]
 
 
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[dict[str, Any]], prompt: str, field: str
+) -> list[str]:
+    """``chat``: ``item[field]`` as a user turn through the training renderer; otherwise
+    ``prompt`` is a format string over the item (a base model's own text format)."""
+    if prompt == "chat":
+        return _user_prompts(tokenizer, [str(item[field]) for item in items])
+    try:
+        return [prompt.format(**item) for item in items]
+    except KeyError as error:
+        raise ValueError(f"prompt {prompt!r} names field {error} that an item lacks") from None
+
+
 def qa_suite(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[dict[str, Any]],
     *,
     name: str = "qa",
-    prompts: Sequence[str] | None = None,
+    prompt: str = "chat",
     max_new_tokens: int = 32,
     batch_size: int = 32,
     headline: str = "f1",
 ) -> SuiteResult:
-    """``{"question", "answer"}`` items; ``prompts`` overrides the chat/Alpaca rendering."""
-    prompts = (
-        list(prompts) if prompts is not None else _user_prompts(tokenizer, [i["question"] for i in items])
+    """``{"question", "answer"}`` items, asked as ``prompt`` (see :func:`render_prompts`)."""
+    if headline not in QA_METRICS:
+        raise ValueError(f"qa metric must be one of {QA_METRICS}, got {headline!r}")
+    prompts = render_prompts(tokenizer, items, prompt, "question")
+    outputs = greedy_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=prompt != "chat",
     )
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = []
     for item, prediction in zip(items, outputs, strict=True):
-        gold = str(item["answer"])
+        gold, said = normalize_answer(str(item["answer"])), normalize_answer(prediction)
         rows.append(
             {
                 **item,
                 "prediction": prediction,
-                "exact_match": exact_match(prediction, gold),
-                "f1": token_f1(prediction, gold),
-                "contains": float(f" {normalize_answer(gold)} " in f" {normalize_answer(prediction)} "),
+                "exact_match": exact_match(prediction, str(item["answer"])),
+                "f1": token_f1(prediction, str(item["answer"])),
+                "contains": float(f" {gold} " in f" {said} "),
+                "starts_with": float(f"{said} ".startswith(f"{gold} ")),
             }
         )
-    metrics = {key: _mean([r[key] for r in rows]) for key in ("exact_match", "f1", "contains")}
+    metrics = {key: _mean([r[key] for r in rows]) for key in QA_METRICS}
     return SuiteResult(name, headline, metrics[headline], len(rows), metrics, rows)
+
+
+def perplexity_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[dict[str, Any]],
+    *,
+    name: str = "perplexity",
+    template: str = "{text}",
+    max_length: int = 256,
+) -> SuiteResult:
+    """Perplexity of each item rendered through ``template`` (lower is better)."""
+    texts = [template.format(**item) for item in items]
+    value = perplexity(model, tokenizer, texts, max_length=max_length)
+    rows = [{"text": text} for text in texts]
+    return SuiteResult(name, "perplexity", value, len(rows), {"perplexity": value}, rows)
 
 
 def commonsense_suite(

@@ -1,18 +1,30 @@
-"""Training adapters with Hugging Face's Trainer: response-only, resumable, distributed."""
+"""Training adapters with Hugging Face's Trainer: response-only, resumable, distributed.
 
-from milora.training.config import TrainConfig
-from milora.training.examples import alpaca_messages, encode, prompt_text
-from milora.training.loop import NonFiniteLossError, TrainResult, last_complete_checkpoint, train_adapter
-from milora.training.run import run_training
+Names are imported on first use so :class:`TrainConfig` (read by the pipeline settings)
+loads without transformers.
+"""
 
-__all__ = [
-    "NonFiniteLossError",
-    "TrainConfig",
-    "TrainResult",
-    "alpaca_messages",
-    "encode",
-    "last_complete_checkpoint",
-    "prompt_text",
-    "run_training",
-    "train_adapter",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "milora.training.config",
+    "alpaca_messages": "milora.training.examples",
+    "encode": "milora.training.examples",
+    "prompt_text": "milora.training.examples",
+    "NonFiniteLossError": "milora.training.loop",
+    "TrainResult": "milora.training.loop",
+    "last_complete_checkpoint": "milora.training.loop",
+    "train_adapter": "milora.training.loop",
+    "run_training": "milora.training.run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'milora.training' has no attribute {name!r}")

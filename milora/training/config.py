@@ -30,6 +30,9 @@ class TrainConfig:
     save_total_limit: int | None = field(default=3, metadata={"help": "checkpoints kept"})
     logging_steps: int = 10
     seed: int = 42
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch sequences of similar length (less padding)"}
+    )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU)"})
     gradient_checkpointing: bool = False
 

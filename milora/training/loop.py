@@ -16,13 +16,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.utils.data import Sampler
 from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedTokenizerBase,
@@ -30,6 +31,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from milora.adapter_io import save_adapter, write_initial
 from milora.conversion import convert_adapter
@@ -62,6 +64,17 @@ class TrainResult:
     truncated: int
     response_tokens: int
     resumed_from: str | None
+    already_trained: bool = False
+
+
+def finished_run(run_dir: str | os.PathLike[str]) -> TrainResult | None:
+    """The result of a run folder whose training ended (its summary is written last)."""
+    path = Path(run_dir) / SUMMARY
+    if not (path.is_file() and (Path(run_dir) / SERVED / "adapter_config.json").is_file()):
+        return None
+    summary = json.loads(path.read_text())
+    values = {f.name: summary[f.name] for f in fields(TrainResult) if f.name in summary}
+    return TrainResult(**{**values, "adapter_dir": Path(run_dir) / FINAL, "already_trained": True})
 
 
 def world_size() -> int:
@@ -85,7 +98,34 @@ def last_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return max(complete)[1] if complete else None
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled, then sorted by length within windows, so each global batch holds sequences
+    of similar length and pads little. The order depends only on (seed, epoch), not on the
+    number of processes (batches are cut at the *global* batch size), so one process and N
+    processes see the same global batches and a resumed run replays the same order."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class _Trainer(Trainer):
+    def __init__(self, *args: Any, sampler: Sampler[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sampler = sampler
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self._sampler or super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -188,7 +228,13 @@ def train_adapter(
         tokenizer.pad_token = tokenizer.eos_token
     if resume_from is None and is_main_process():
         (run_dir / METRICS).unlink(missing_ok=True)
+    sampler = (
+        LengthGroupedSampler([len(e["input_ids"]) for e in encoded.examples], config.batch_size, config.seed)
+        if config.group_by_length
+        else None
+    )
     trainer = _Trainer(
+        sampler=sampler,
         model=model,
         args=_arguments(config, run_dir),
         train_dataset=encoded.examples,

@@ -8,10 +8,12 @@ adapter is initialised afresh. Under ``torchrun`` every process runs this same c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -26,6 +28,8 @@ from milora.training.examples import Message, alpaca_messages
 from milora.training.loop import (
     INITIAL_ADAPTER,
     TrainResult,
+    clear_run,
+    finished_run,
     is_main_process,
     last_complete_checkpoint,
     train_adapter,
@@ -56,6 +60,53 @@ def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
     return conversations
 
 
+RUN_KEY = "run_key.json"
+
+
+class RunMismatchError(ValueError):
+    """The run folder holds a run with other data, settings or base model."""
+
+
+def run_key(
+    base_path: str | os.PathLike[str],
+    conversations: Sequence[Sequence[Message]],
+    spec: AdapterSpec,
+    config: TrainConfig,
+) -> dict[str, str]:
+    """What makes a run this run: resuming is only sound when all of it is unchanged."""
+    data = hashlib.sha256(json.dumps(list(conversations), sort_keys=True).encode()).hexdigest()
+    settings = json.dumps({"spec": asdict(spec), "config": asdict(config)}, sort_keys=True, default=str)
+    return {
+        "base_model": str(base_path),
+        "data_sha256": data,
+        "settings_sha256": hashlib.sha256(settings.encode()).hexdigest(),
+    }
+
+
+def _claim_run_dir(run_dir: Path, key: dict[str, str], restart: bool) -> None:
+    """Start or continue ``run_dir`` for the run ``key``; see :func:`run_training`.
+
+    The main process alone decides (torchrun stops the others if it raises)."""
+    if not is_main_process():
+        return
+    path = run_dir / RUN_KEY
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != key:
+            changed = sorted(k for k in key if found.get(k) != key[k])
+            if not restart:
+                raise RunMismatchError(
+                    f"{run_dir} holds a run with a different {', '.join(changed)}; resuming it would "
+                    "mix two runs: use another run folder or pass restart=True (--restart) to start afresh"
+                )
+            logger.info("run folder %s: %s changed, starting afresh", run_dir, ", ".join(changed))
+            clear_run(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()) and restart:
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -70,9 +121,26 @@ def run_training(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
+    restart: bool = False,
+    device: str | None = None,
 ) -> TrainResult:
-    """Initialise (or restore) the adapter and train it; see the module docstring."""
+    """Initialise (or restore) the adapter and train it; see the module docstring.
+
+    A run folder remembers its data, settings and base model (``run_key.json``); a folder
+    holding another run is an error, or with ``restart`` is cleared first, so a resume
+    never continues a different run, and a finished run is returned as it is (trains
+    nothing). ``device`` is where the SVD runs (None: CUDA when
+    present).
+    """
     run_dir = Path(run_dir)
+    _claim_run_dir(run_dir, run_key(base_path, conversations, spec, config), restart)
+    _barrier()
+    done = finished_run(run_dir)
+    if done is not None:
+        logger.info(
+            "%s already holds this run, trained to step %d: nothing to train", run_dir, done.global_step
+        )
+        return done
     base = load_base_model(base_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
     checkpoint = last_complete_checkpoint(run_dir)
@@ -82,7 +150,9 @@ def run_training(
     else:
         checkpoint = None
         cache = DecompositionCache(cache_dir) if cache_dir else None
-        model = init_adapter(base, spec, cache=cache, seed=config.seed, progress=is_main_process())
+        model = init_adapter(
+            base, spec, cache=cache, seed=config.seed, device=device, progress=is_main_process()
+        )
         if is_main_process():
             save_adapter(model, run_dir / INITIAL_ADAPTER, base_model=str(base_path), overwrite=True)
     model.train()

@@ -1,0 +1,191 @@
+"""Useful (non-padding) training tokens per second: the project's loop against plain PEFT + Trainer.
+
+The baseline is what most fine-tuning scripts do: ``peft.get_peft_model`` with a default
+``LoraConfig``, Hugging Face's ``Trainer`` with its random sampler, and a collator that
+pads each micro-batch to its longest sequence. The project's loop (``train_adapter``)
+batches sequences of similar length (:class:`milora.training.loop.LengthGroupedSampler`),
+so less of every batch is padding. Both train the same rank, targets, examples, micro-batch,
+global batch and number of steps on the same base model; the SVD initialisation is not
+timed (it happens once, before training). Runs alternate and the median is reported.
+
+    python benchmarks/train_tokens.py [--model data/demo/base_model] [--steps 60] [--repeat 3]
+
+The last line printed is one JSON object with both rates, their ratio and the padding shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from milora.offline import OFFLINE_ENV  # noqa: E402
+
+os.environ.update(OFFLINE_ENV)
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments  # noqa: E402
+
+from milora import init_adapter  # noqa: E402
+from milora.config import DEFAULT_TARGETS  # noqa: E402
+from milora.data.dataset import load_messages  # noqa: E402
+from milora.modeling import load_base_model, load_tokenizer  # noqa: E402
+from milora.training.config import TrainConfig  # noqa: E402
+from milora.training.examples import encode  # noqa: E402
+from milora.training.loop import LengthGroupedSampler, train_adapter  # noqa: E402
+from milora.training.run import read_conversations  # noqa: E402
+
+
+class CountingCollator(DataCollatorForSeq2Seq):
+    """Pads to the longest sequence of the micro-batch and counts real and padded tokens."""
+
+    useful = 0
+    total = 0
+
+    def __call__(self, features, return_tensors=None):
+        batch = super().__call__(features, return_tensors)
+        self.useful += int(batch["attention_mask"].sum())
+        self.total += batch["attention_mask"].numel()
+        return batch
+
+
+def conversations(data: list[Path]) -> list:
+    out = []
+    for path in data:
+        out.extend(load_messages(path) if path.is_dir() else read_conversations(path))
+    return out
+
+
+def baseline(args, convs) -> dict:
+    tokenizer = load_tokenizer(args.model)
+    model = get_peft_model(
+        load_base_model(args.model),
+        LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.05
+        ),
+    )
+    examples = encode(tokenizer, convs, args.max_length).examples
+    collator = CountingCollator(tokenizer, padding=True, label_pad_token_id=-100)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=args.micro_batch_size,
+                gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+                learning_rate=args.learning_rate,
+                max_steps=args.steps,
+                save_strategy="no",
+                report_to="none",
+                use_cpu=not torch.cuda.is_available(),
+                seed=0,
+                remove_unused_columns=False,
+                disable_tqdm=True,
+                include_num_input_tokens_seen="non_padding",
+            ),
+            train_dataset=examples,
+            data_collator=collator,
+        )
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "useful": collator.useful,
+        "padding_share": 1 - collator.useful / collator.total,
+    }
+
+
+def ours(args, convs) -> dict:
+    tokenizer = load_tokenizer(args.model)
+    model = init_adapter(
+        load_base_model(args.model), method="milora", r=args.rank, target_modules=DEFAULT_TARGETS
+    )
+    config = TrainConfig(
+        learning_rate=args.learning_rate,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        warmup_steps=0,
+        max_length=args.max_length,
+        save_steps=10**9,
+        logging_steps=10**9,
+        seed=0,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        result = train_adapter(model, tokenizer, convs, out, config)
+        seen = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    useful = max(r.get("num_input_tokens_seen", 0) for r in seen)
+    # The padding share of the very batches trained on: replay the sampler's order.
+    lengths = [len(e["input_ids"]) for e in encode(tokenizer, convs, args.max_length).examples]
+    order, total, real = [], 0, 0
+    sampler = LengthGroupedSampler(lengths, args.batch_size, 0)
+    epoch = 0
+    while len(order) < args.steps * args.batch_size:
+        sampler.set_epoch(epoch)
+        order.extend(sampler)
+        epoch += 1
+    for start in range(0, args.steps * args.batch_size, args.micro_batch_size):
+        chunk = [lengths[i] for i in order[start : start + args.micro_batch_size]]
+        total += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return {"seconds": result.seconds, "useful": useful, "padding_share": 1 - real / total}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "data/demo/base_model")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=sorted((REPO / "data/demo/company").glob("drop_*/train_*.jsonl")),
+        help="JSONL conversation/Alpaca files or a published dataset folder",
+    )
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    convs = conversations(args.data)
+    runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    for i in range(args.repeat):
+        for name, fn in (("baseline", baseline), ("ours", ours)):
+            run = fn(args, convs)
+            run["tokens_per_s"] = run["useful"] / run["seconds"]
+            runs[name].append(run)
+            print(
+                f"run {i + 1} {name}: {run['tokens_per_s']:.0f} useful tokens/s, padding {run['padding_share']:.1%}"
+            )
+    base_rate = statistics.median(r["tokens_per_s"] for r in runs["baseline"])
+    our_rate = statistics.median(r["tokens_per_s"] for r in runs["ours"])
+    result = {
+        "examples": len(convs),
+        "steps": args.steps,
+        "baseline_useful_tokens_per_s": round(base_rate, 1),
+        "ours_useful_tokens_per_s": round(our_rate, 1),
+        "ratio": round(our_rate / base_rate, 3),
+        "baseline_padding_share": round(runs["baseline"][0]["padding_share"], 4),
+        "ours_padding_share": round(runs["ours"][0]["padding_share"], 4),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Running the configured suites on a base model and on its adapter, and comparing them.
+
+The base model's results are the "before" of every comparison: the company score before
+fine-tuning and, for suites marked ``retention``, what it knew that fine-tuning may erase
+(forgetting = the drop in the suite's score; for perplexity, its rise). They depend only on
+the base weights and the suite, so they are cached under a key of both and computed once
+per base model, not once per training.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from milora.evaluation.datasets import read_items
+from milora.evaluation.suites import (
+    LOWER_IS_BETTER,
+    SuiteResult,
+    commonsense_suite,
+    gsm8k_suite,
+    perplexity_suite,
+    qa_suite,
+)
+from milora.settings import SuiteSettings
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "qa": ("question", "answer"),
+    "commonsense": ("instruction", "answer"),
+    "gsm8k": ("question", "answer"),
+    "perplexity": (),
+}
+DEFAULT_METRIC = {"qa": "f1", "commonsense": "accuracy", "gsm8k": "accuracy", "perplexity": "perplexity"}
+RESULTS_VERSION = 1  # bump when scoring changes, so cached base results are recomputed
+
+
+class EvaluationInputError(ValueError):
+    """An input of the evaluation (adapter, suite file) is missing or malformed."""
+
+
+class SuiteFileError(EvaluationInputError):
+    """A configured suite file is missing or not in its suite's format."""
+
+
+def suite_files(name: str, suite: SuiteSettings, root: Path) -> list[Path]:
+    """The files of a suite, globs expanded in sorted order; an error names the key."""
+    files: list[Path] = []
+    for pattern in suite.paths:
+        resolved = pattern if os.path.isabs(pattern) else str(root / pattern)
+        matched = (
+            sorted(Path(p) for p in glob.glob(resolved)) if glob.has_magic(resolved) else [Path(resolved)]
+        )
+        files.extend(p for p in matched if p.is_file())
+    if not files and suite.required:
+        raise SuiteFileError(
+            f"evaluate.suites.{name}.path: no file matches {suite.paths} (relative to {root}); "
+            "fix the path or set required: false to skip the suite when absent"
+        )
+    return files
+
+
+def _text_lines(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    lines = [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[:limit] if limit else lines
+
+
+def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[str, Any]]:
+    """Every item of a suite (``limit`` per file); ``.txt`` files are one text per line."""
+    items: list[dict[str, Any]] = []
+    for path in suite_files(name, suite, root):
+        try:
+            if suite.kind == "perplexity" and path.suffix == ".txt":
+                items.extend(_text_lines(path, suite.limit))
+            else:
+                items.extend(read_items(path, REQUIRED_KEYS[suite.kind], suite.limit))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SuiteFileError(f"evaluate.suites.{name}: {error}") from None
+    return items
+
+
+def run_suite(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    suite: SuiteSettings,
+    items: list[dict[str, Any]],
+    *,
+    batch_size: int = 32,
+) -> SuiteResult:
+    """One suite on one model, by its kind."""
+    tokens = {"max_new_tokens": suite.max_new_tokens} if suite.max_new_tokens else {}
+    if suite.kind == "qa":
+        return qa_suite(
+            model,
+            tokenizer,
+            items,
+            name=name,
+            prompt=suite.prompt,
+            batch_size=batch_size,
+            headline=suite.metric or DEFAULT_METRIC["qa"],
+            **tokens,
+        )
+    if suite.kind == "commonsense":
+        return commonsense_suite(
+            model, tokenizer, items, name=name, mode=suite.mode, batch_size=batch_size, **tokens
+        )
+    if suite.kind == "gsm8k":
+        return gsm8k_suite(model, tokenizer, items, name=name, batch_size=batch_size, **tokens)
+    return perplexity_suite(model, tokenizer, items, name=name, template=suite.template)
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    suites: Mapping[str, SuiteSettings],
+    root: Path,
+    *,
+    batch_size: int = 32,
+    label: str = "model",
+) -> dict[str, SuiteResult]:
+    """Every suite whose files exist; a missing optional suite is skipped with a warning."""
+    results = {}
+    for name, suite in suites.items():
+        items = load_suite_items(name, suite, root)
+        if not items:
+            logger.warning("suite %s skipped: no file matches %s", name, suite.paths)
+            continue
+        logger.info("%s: suite %s (%s, %d items)", label, name, suite.kind, len(items))
+        results[name] = run_suite(model, tokenizer, name, suite, items, batch_size=batch_size)
+    return results
+
+
+def weights_digest(model_dir: str | os.PathLike[str]) -> str:
+    """A content hash of a model folder's weights and config (the base results' cache key)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    folder = Path(model_dir)
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _suite_key(weights: str, name: str, suite: SuiteSettings, root: Path, batch_size: int) -> str:
+    files = [
+        (os.path.relpath(p, root), hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in suite_files(name, suite, root)
+    ]
+    payload = json.dumps(
+        [RESULTS_VERSION, weights, name, suite.model_dump(), files, batch_size], sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cached_results(
+    weights: str,
+    suites: Mapping[str, SuiteSettings],
+    root: Path,
+    cache_dir: Path | None,
+    compute: Callable[[Mapping[str, SuiteSettings]], dict[str, SuiteResult]],
+    *,
+    batch_size: int = 32,
+) -> dict[str, SuiteResult]:
+    """Results of ``suites`` on the model with digest ``weights``, computing only the misses."""
+    present = {name: suite for name, suite in suites.items() if suite_files(name, suite, root)}
+    keys = {name: _suite_key(weights, name, suite, root, batch_size) for name, suite in present.items()}
+    results: dict[str, SuiteResult] = {}
+    if cache_dir is not None:
+        for name, key in keys.items():
+            path = cache_dir / f"{key}.json"
+            if path.is_file():
+                results[name] = SuiteResult(**json.loads(path.read_text()))
+    missing = {name: suite for name, suite in present.items() if name not in results}
+    if missing:
+        fresh = compute(missing)
+        for name, result in fresh.items():
+            if cache_dir is not None:
+                result.write(cache_dir / f"{keys[name]}.json")
+        results.update(fresh)
+    else:
+        logger.info("base-model results served from %s", cache_dir)
+    return {name: results[name] for name in suites if name in results}
+
+
+@dataclass
+class Comparison:
+    """One suite's score before (base) and after (adapter) fine-tuning."""
+
+    suite: str
+    metric: str
+    n: int
+    base: float | None
+    adapter: float
+    retention: bool
+    forgetting: float | None = field(default=None)
+
+    @property
+    def change(self) -> float | None:
+        return None if self.base is None else self.adapter - self.base
+
+
+def compare(
+    base: Mapping[str, SuiteResult], adapter: Mapping[str, SuiteResult], suites: Mapping[str, SuiteSettings]
+) -> list[Comparison]:
+    """Per suite: base and adapter score; forgetting for retention suites (drop of the
+    score, or rise of perplexity: positive = knowledge lost)."""
+    rows = []
+    for name, result in adapter.items():
+        before = base[name].score if name in base else None
+        forgetting = None
+        if suites[name].retention and before is not None:
+            forgetting = result.score - before if result.metric in LOWER_IS_BETTER else before - result.score
+        rows.append(
+            Comparison(
+                name, result.metric, result.n, before, result.score, suites[name].retention, forgetting
+            )
+        )
+    return rows
+
+
+def flat_metrics(rows: Iterable[Comparison], adapter: Mapping[str, SuiteResult]) -> dict[str, Any]:
+    """``{suite: {metric: value, ..., base_<metric>, forgetting}}`` for DVC and MLflow."""
+    metrics: dict[str, Any] = {}
+    for row in rows:
+        entry = {k: v for k, v in adapter[row.suite].metrics.items() if isinstance(v, int | float)}
+        entry["score"] = row.adapter
+        if row.base is not None:
+            entry["base_score"] = row.base
+        if row.forgetting is not None:
+            entry["forgetting"] = row.forgetting
+        metrics[row.suite] = entry
+    return metrics
+
+
+def summary_table(rows: Iterable[Comparison]) -> str:
+    """A Markdown table: suite, metric, n, base, adapter, change, forgetting."""
+    lines = [
+        "| suite | metric | n | base | adapter | change | forgetting |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def show(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    for row in rows:
+        change = "" if row.change is None else f"{row.change:+.4f}"
+        lines.append(
+            f"| {row.suite} | {row.metric} | {row.n} | {show(row.base)} | {row.adapter:.4f} | {change} "
+            f"| {show(row.forgetting)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out_dir: Path,
+    base: Mapping[str, SuiteResult],
+    adapter: Mapping[str, SuiteResult],
+    rows: list[Comparison],
+    info: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``<suite>.json`` (adapter, every prediction), ``base/<suite>.json``, ``metrics.json``,
+    ``summary.md``; returns the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, result in adapter.items():
+        result.write(out_dir / f"{name}.json")
+    for name, result in base.items():
+        result.write(out_dir / "base" / f"{name}.json")
+    metrics = flat_metrics(rows, adapter)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    (out_dir / "comparison.json").write_text(
+        json.dumps({"info": dict(info), "rows": [asdict(r) for r in rows]}, indent=1) + "\n"
+    )
+    (out_dir / "summary.md").write_text(summary_table(rows))
+    return metrics
+
+
+def evaluate_adapter(
+    base_path: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    suites: Mapping[str, SuiteSettings],
+    root: Path,
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    merged: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[dict[str, Any], list[Comparison]]:
+    """Score the base, then base + adapter (or the merged weights), on every suite.
+
+    ``out_dir`` is replaced as a whole only when every suite ran (see :func:`write_results`);
+    returns the metrics and the comparison rows.
+    """
+    from milora.adapter_io import load_adapter
+    from milora.conversion import merge_adapter
+    from milora.data.dataset import atomic_directory
+    from milora.modeling import load_base_model, load_tokenizer
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise EvaluationInputError(f"{adapter}: no adapter here (adapter_config.json is missing)")
+    tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
+    model = load_base_model(base_path, trust_remote_code=trust_remote_code)
+    model.eval()
+    base = cached_results(
+        weights_digest(base_path),
+        suites,
+        root,
+        cache_dir,
+        lambda missing: evaluate_model(model, tokenizer, missing, root, batch_size=batch_size, label="base"),
+        batch_size=batch_size,
+    )
+    tuned = merge_adapter(model, adapter) if merged else load_adapter(model, adapter)
+    tuned.eval()
+    results = evaluate_model(tuned, tokenizer, suites, root, batch_size=batch_size, label="adapter")
+    rows = compare(base, results, suites)
+    info = {"base_model": str(base_path), "adapter": str(adapter), "merged": merged}
+    with atomic_directory(Path(out_dir)) as scratch:
+        metrics = write_results(scratch, base, results, rows, info)
+    logger.info(
+        "evaluated %s: %s",
+        adapter,
+        "; ".join(
+            f"{r.suite} {r.metric} {r.adapter:.4f}" + ("" if r.base is None else f" (base {r.base:.4f})")
+            for r in rows
+        ),
+    )
+    return metrics, rows

@@ -1,0 +1,80 @@
+"""Stage 4, evaluate: the trained adapter against its base model on the configured suites.
+
+``python -m tasks.evaluate [--params params.yaml] [--adapter DIR] [--out DIR] [--merged]``
+
+Every suite of ``evaluate.suites`` in ``params.yaml`` is scored on the base model (cached
+per base weights and suite, so once per base) and on base + adapter (or, with
+``evaluate.merged``, on the merged weights: the same scores). ``evaluate.out_dir`` is
+replaced as a whole when every suite ran: ``<suite>.json`` (score, n, every prediction),
+``base/<suite>.json``, ``metrics.json`` (for DVC and MLflow: score, base score,
+forgetting per suite), ``comparison.json`` and ``summary.md`` (the table printed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from milora.settings import DEFAULT_PARAMS, Settings, load_settings
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S, parse_overrides, retry_on_io_error, run_command
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "adapter"
+
+
+def evaluate(
+    settings: Settings, adapter_dir: Path | None = None, out_dir: Path | None = None
+) -> dict[str, Any]:
+    """Score base and adapter on every configured suite; returns ``metrics.json``'s content."""
+    from milora.evaluation.runner import evaluate_adapter
+
+    cfg = settings.evaluation
+    metrics, _ = evaluate_adapter(
+        settings.path(settings.base_model),
+        adapter_dir or settings.path(settings.train.run_dir) / ADAPTER,
+        cfg.suites,
+        settings.root,
+        out_dir or settings.path(cfg.out_dir),
+        batch_size=cfg.batch_size,
+        cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
+        merged=cfg.merged,
+    )
+    return metrics
+
+
+evaluate_task = task(
+    name="evaluate",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_io_error,
+    cache_policy=NO_CACHE,
+)(evaluate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
+    parser.add_argument("--adapter", type=Path, help="adapter folder (default: <train.run_dir>/adapter)")
+    parser.add_argument("--out", type=Path, help="results folder (default: evaluate.out_dir)")
+    parser.add_argument("--merged", action="store_true", help="evaluate merged weights")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set, parser)
+    if args.merged:
+        overrides["evaluate.merged"] = True
+    settings = load_settings(args.params, overrides)
+    evaluate(settings, args.adapter, args.out)
+    out = args.out or settings.path(settings.evaluation.out_dir)
+    print((Path(out) / "summary.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,113 @@
+"""Stage 3, train: the validated dataset's training split -> a trained adapter.
+
+``python -m tasks.train [--params params.yaml] [--dataset DIR] [--run-dir DIR] [--set KEY=VALUE ...]``
+
+Reads the conversations of the ``train`` split of ``validate.dataset_dir``, initialises the
+adapter named by ``train`` in ``params.yaml`` (method, rank, alpha, targets; the SVD served
+from ``train.cache_dir`` when the base was decomposed before) and trains it with the
+hyperparameters of ``train.profile``. The run folder (``train.run_dir``) ends with
+``adapter/`` (with its initial factors), ``adapter_for_stock_base/`` (plain LoRA, rank
+2r), ``metrics.jsonl``, ``loss_curve.png`` and ``train_summary.json``.
+
+Rerunning after a crash resumes from the last checkpoint; a run folder left by other
+data or settings is cleared first. Distributed: the same command under
+``torchrun --nproc_per_node=N -m tasks.train`` (same adapter as one process with the same
+global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from milora.settings import DEFAULT_PARAMS, Settings, load_settings
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S, parse_overrides, retry_on_io_error, run_command
+
+logger = logging.getLogger(__name__)
+
+
+def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train the configured adapter on the dataset's training split; returns the summary."""
+    from milora.data.dataset import load_messages, read_manifest
+    from milora.training.run import run_training
+
+    cfg = settings.train
+    dataset = Path(dataset_dir or settings.path(settings.validation.dataset_dir))
+    manifest = read_manifest(dataset)  # a clear error if the dataset was never published
+    conversations = load_messages(dataset, "train")
+    if not conversations:
+        raise ValueError(f"{dataset}: the dataset's train split is empty; nothing to train on")
+    out = Path(run_dir or settings.path(cfg.run_dir))
+    logger.info(
+        "training %s r=%d (profile %s) on %d conversations of %s (%d rows in all)",
+        cfg.method,
+        cfg.rank,
+        cfg.profile,
+        len(conversations),
+        dataset,
+        manifest.get("rows", len(conversations)),
+    )
+    result = run_training(
+        settings.path(settings.base_model),
+        conversations,
+        out,
+        cfg.adapter_spec(),
+        cfg.hyperparameters(),
+        cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
+        device=cfg.device,
+        restart=True,
+    )
+    return {
+        "run_dir": str(out),
+        "adapter_dir": str(result.adapter_dir),
+        "global_step": result.global_step,
+        "train_loss": result.train_loss,
+        "seconds": result.seconds,
+        "examples": result.examples,
+        "resumed_from": result.resumed_from,
+        "already_trained": result.already_trained,
+    }
+
+
+train_task = task(
+    name="train",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_io_error,
+    cache_policy=NO_CACHE,
+)(train)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
+    parser.add_argument("--dataset", type=Path, help="dataset folder (default: validate.dataset_dir)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: train.run_dir)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. train.rank=8",
+    )
+    args = parser.parse_args(argv)
+    settings = load_settings(args.params, parse_overrides(args.set, parser))
+    summary = train(settings, args.dataset, args.run_dir)
+    if summary["already_trained"]:
+        print(f"already trained (same data, settings and base): {summary['adapter_dir']}")
+        return 0
+    print(
+        f"trained {summary['global_step']} steps ({summary['examples']} examples, "
+        f"loss {summary['train_loss']:.4f}) -> {summary['adapter_dir']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)
