@@ -45,6 +45,7 @@ class IngestSettings(Section):
         default_factory=list,
         description="files, folders or glob patterns, read in order (globs and folders sorted)",
     )
+    watch: str = Field(".", description="the folder new drops land in (the DVC ingest stage's dependency)")
     out_dir: str = Field("data/interim/ingested", description="normalised rows, before validation")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of records in validation")
     split_salt: str = Field("milora", description="changing it reshuffles the split (on purpose only)")
@@ -150,6 +151,7 @@ class TrainSettings(Section):
     solver: str = Field("auto", description="decomposition solver: auto, gram, svd64, svd32")
     device: str | None = Field(None, description="SVD device; null = cuda when present, else cpu")
     cache_dir: str | None = Field(".cache/svd", description="decomposition cache; null disables it")
+    init_dir: str = Field("outputs/init", description="the init stage's adapter; train starts from it")
     run_dir: str = Field("outputs/train", description="checkpoints, metrics, adapters")
     profile: str = Field("paper", description="key of profiles")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"paper": {}})
@@ -221,6 +223,29 @@ class EvaluateSettings(Section):
     suites: dict[str, SuiteSettings] = Field(default_factory=dict)
 
 
+class GateSettings(Section):
+    """When a challenger may replace the champion (every condition must hold)."""
+
+    primary_suite: str = Field("company", description="the suite fine-tuning is for; must not drop")
+    min_primary_gain: float = Field(0.0, description="challenger - champion on primary_suite, at least")
+    max_forgetting: float = Field(
+        0.1, ge=0.0, description="largest forgetting allowed on any retention suite"
+    )
+    tolerance: float = Field(0.02, ge=0.0, description="other suites may drop this much below the champion")
+
+
+class RegistrySettings(Section):
+    """MLflow tracking and model registry; ``MLFLOW_TRACKING_URI`` in the environment wins."""
+
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="relative sqlite paths: from the project root"
+    )
+    artifact_location: str = Field("mlartifacts", description="where a new experiment stores artifacts")
+    experiment: str = Field("milora-retrain")
+    model_name: str = Field("milora-company-assistant", description="registered model name")
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+
 class Settings(Section):
     """All of ``params.yaml``; ``root`` is the folder relative paths start from."""
 
@@ -230,6 +255,7 @@ class Settings(Section):
     validation: ValidateSettings = Field(default_factory=ValidateSettings, alias="validate")
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluation: EvaluateSettings = Field(default_factory=EvaluateSettings, alias="evaluate")
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 Every stage is ``stage(paths..., settings) -> report``, wrapped as a Prefect task (retried
 only for I/O errors: bad data fails the same way every time) and runnable as
 ``python -m tasks.<stage>`` so ``dvc.yaml`` calls the very same code. Exit codes: 0 done,
-1 bad data or a failed run (the reason is printed), 2 bad parameters or usage.
+1 bad data or a failed run (the reason is printed), 2 bad parameters or usage, 75 an I/O
+error (worth retrying).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ logger = logging.getLogger("tasks")
 
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 5
+TEMPFAIL = 75  # exit status of a stage command that hit an I/O error (sysexits EX_TEMPFAIL): retried
 
 
 def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -84,8 +86,12 @@ def run_command(main: Callable[[], int]) -> None:
         print(error.summary(), file=sys.stderr)
         code = 1
     except Exception as error:
-        if not isinstance(error, _user_errors()):
+        if isinstance(error, _user_errors()):
+            print(f"error: {error}", file=sys.stderr)
+            code = 1
+        elif isinstance(error, OSError):
+            logger.exception("I/O error (exit %d: worth retrying)", TEMPFAIL)
+            code = TEMPFAIL
+        else:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        code = 1
     sys.exit(code)

@@ -2,10 +2,10 @@
 
 ``python -m tasks.train [--params params.yaml] [--dataset DIR] [--run-dir DIR] [--set KEY=VALUE ...]``
 
-Reads the conversations of the ``train`` split of ``validate.dataset_dir``, initialises the
-adapter named by ``train`` in ``params.yaml`` (method, rank, alpha, targets; the SVD served
-from ``train.cache_dir`` when the base was decomposed before) and trains it with the
-hyperparameters of ``train.profile``. The run folder (``train.run_dir``) ends with
+Reads the conversations of the ``train`` split of ``validate.dataset_dir`` and trains the
+adapter of ``train.init_dir`` (written by ``python -m tasks.init``; without it, the adapter
+named by ``train`` in ``params.yaml`` is initialised here) with the hyperparameters of
+``train.profile``. The run folder (``train.run_dir``) ends with
 ``adapter/`` (with its initial factors), ``adapter_for_stock_base/`` (plain LoRA, rank
 2r), ``metrics.jsonl``, ``loss_curve.png`` and ``train_summary.json``.
 
@@ -44,6 +44,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     if not conversations:
         raise ValueError(f"{dataset}: the dataset's train split is empty; nothing to train on")
     out = Path(run_dir or settings.path(cfg.run_dir))
+    init_dir = settings.path(cfg.init_dir)
     logger.info(
         "training %s r=%d (profile %s) on %d conversations of %s (%d rows in all)",
         cfg.method,
@@ -62,6 +63,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
         device=cfg.device,
         restart=True,
+        init_dir=init_dir if (init_dir / "milora.json").is_file() else None,
     )
     return {
         "run_dir": str(out),

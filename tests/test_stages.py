@@ -164,3 +164,23 @@ def test_evaluate_command_names_what_is_missing(settings, tmp_path, capsys):
         )
     assert exit_.value.code == 1
     assert "evaluate.suites.company.path: no file matches ['gone.jsonl']" in capsys.readouterr().err
+
+
+def test_train_starts_from_the_init_stage_and_refuses_a_stale_one(settings, tmp_path):
+    from milora.training.run import RunMismatchError
+    from tasks.init import init
+
+    ingest(settings)
+    validate(settings, reports_dir=tmp_path / "reports")
+    report = init(settings)
+    assert (Path(report["init_dir"]) / "initial" / "adapter_model.safetensors").is_file()
+    summary = train(settings)
+    assert summary["global_step"] == 4
+    # The run's initial adapter is the init stage's, not a second decomposition.
+    from safetensors.torch import load_file
+
+    staged = load_file(Path(report["init_dir"]) / "adapter_model.safetensors")
+    used = load_file(tmp_path / "run" / "init" / "adapter_model.safetensors")
+    assert staged.keys() == used.keys() and all((staged[k] == used[k]).all() for k in staged)
+    with pytest.raises(RunMismatchError, match=r"initialised with other r, lora_alpha than this run asks for \(r=16 vs 8"):
+        train(settings.with_overrides({"train.rank": 8}))

@@ -62,9 +62,10 @@ def cli_options(**overrides) -> list[str]:
 
 def test_training_writes_adapter_metrics_curve_and_checkpoints(chat_model_dir, tmp_path):
     run = tmp_path / "run"
-    config = TrainConfig(max_steps=4, save_steps=2, **SMALL)
+    config = TrainConfig(max_steps=4, save_steps=2, keep_checkpoints=True, **SMALL)
     result = run_training(chat_model_dir, company_conversations(24), run, AdapterSpec(r=4), config)
     assert result.global_step == 4 and result.examples == 24
+    assert (run / "loss.csv").read_text().splitlines()[0] == "step,loss,learning_rate"
     assert (run / "adapter" / "initial" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "adapter_for_stock_base" / "adapter_config.json").read_text())["r"] == 8
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -84,6 +85,10 @@ def test_training_writes_adapter_metrics_curve_and_checkpoints(chat_model_dir, t
     report = verify_adapter(lambda: load_base_model(chat_model_dir), run / "adapter")
     assert report["adapter vs converted plain LoRA on stock base"] <= 1e-4
     assert report["adapter vs merged model"] <= 1e-4
+    # By default checkpoints go once the run succeeded (they exist to resume it).
+    other = run_training(chat_model_dir, company_conversations(24), tmp_path / "lean", AdapterSpec(r=4),
+                         TrainConfig(max_steps=2, save_steps=1, **SMALL))  # fmt: skip
+    assert other.global_step == 2 and not (tmp_path / "lean" / "checkpoints").exists()
 
 
 def test_same_seed_same_adapter(chat_model_dir, tmp_path):

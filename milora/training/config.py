@@ -28,6 +28,9 @@ class TrainConfig:
     max_length: int = field(default=512, metadata={"help": "tokens per sequence; longer ones are cut"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimiser steps"})
     save_total_limit: int | None = field(default=3, metadata={"help": "checkpoints kept"})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "keep checkpoints after success (they are for resuming)"}
+    )
     logging_steps: int = 10
     seed: int = 42
     group_by_length: bool = field(

@@ -46,6 +46,7 @@ SERVED = "adapter_for_stock_base"
 INITIAL_ADAPTER = "init"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
+LOSS_TABLE = "loss.csv"  # step, loss, learning_rate: what `dvc plots` draws
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -262,8 +263,11 @@ def train_adapter(
         served = run_dir / SERVED
         shutil.rmtree(served, ignore_errors=True)
         convert_adapter(final, served)  # plain LoRA for the stock base (rank 2r)
-        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        write_loss_table(run_dir / METRICS, run_dir / LOSS_TABLE)
         plot_loss(run_dir / METRICS, run_dir / "loss_curve.png")
+        if not config.keep_checkpoints:
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the run finished
     logger.info("trained %d steps in %.1f s, final loss %.4f", result.global_step, seconds, result.train_loss)
     return result
 
@@ -272,6 +276,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     )
+
+
+def write_loss_table(metrics: Path, out: Path) -> Path:
+    """The logged steps as CSV (``dvc plots show`` and spreadsheets read it)."""
+    rows = [r for r in read_metrics(metrics) if "loss" in r]
+    lines = ["step,loss,learning_rate"] + [
+        f"{r['step']},{r['loss']},{r.get('learning_rate', '')}" for r in rows
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def plot_loss(metrics: Path, out: Path) -> Path | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from milora.adapter_io import load_adapter, save_adapter
+from milora.adapter_io import load_adapter, read_manifest, save_adapter, spec_from_manifest
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
 from milora.initialize import init_adapter
@@ -107,6 +107,25 @@ def _claim_run_dir(run_dir: Path, key: dict[str, str], restart: bool) -> None:
     path.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
 
 
+def _check_init(model: object, init_dir: Path, spec: AdapterSpec) -> None:
+    """An initial adapter made for other settings must not be trained as if it were this one."""
+    manifest = read_manifest(init_dir)
+    if manifest is None:
+        raise RunMismatchError(f"{init_dir}: not an adapter written by milora (milora.json is missing)")
+    found = spec_from_manifest(manifest)
+    mismatched = [
+        name
+        for name in ("method", "r", "lora_alpha", "lora_dropout", "target_modules")
+        if getattr(found, name) != getattr(spec, name)
+    ]
+    if mismatched:
+        raise RunMismatchError(
+            f"{init_dir} was initialised with other {', '.join(mismatched)} than this run asks for "
+            f"({', '.join(f'{n}={getattr(found, n)!r} vs {getattr(spec, n)!r}' for n in mismatched)}); "
+            "rerun the init stage"
+        )
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -123,6 +142,7 @@ def run_training(
     trust_remote_code: bool = False,
     restart: bool = False,
     device: str | None = None,
+    init_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Initialise (or restore) the adapter and train it; see the module docstring.
 
@@ -130,7 +150,8 @@ def run_training(
     holding another run is an error, or with ``restart`` is cleared first, so a resume
     never continues a different run, and a finished run is returned as it is (trains
     nothing). ``device`` is where the SVD runs (None: CUDA when
-    present).
+    present). ``init_dir``: start from an adapter saved by ``milora init`` / the init stage
+    instead of decomposing here (it must match ``spec``).
     """
     run_dir = Path(run_dir)
     _claim_run_dir(run_dir, run_key(base_path, conversations, spec, config), restart)
@@ -147,6 +168,13 @@ def run_training(
     if checkpoint is not None and (run_dir / INITIAL_ADAPTER / "milora.json").is_file():
         logger.info("resuming from %s", checkpoint)
         model = load_adapter(base, run_dir / INITIAL_ADAPTER, is_trainable=True)
+    elif init_dir is not None:
+        checkpoint = None
+        logger.info("starting from the initial adapter %s (no SVD)", init_dir)
+        model = load_adapter(base, init_dir, is_trainable=True)
+        _check_init(model, Path(init_dir), spec)
+        if is_main_process():
+            save_adapter(model, run_dir / INITIAL_ADAPTER, base_model=str(base_path), overwrite=True)
     else:
         checkpoint = None
         cache = DecompositionCache(cache_dir) if cache_dir else None

@@ -1,0 +1,93 @@
+"""Stage "prepare": what a model is made of, so any registered version can be rebuilt.
+
+``raw_data_hash`` fingerprints the company files the ingest stage reads (names and bytes,
+in reading order): a scheduled run compares it with the champion's to see whether new data
+arrived. ``lineage`` collects, after the DVC stages ran, the DVC hashes of the dataset and
+of the trained run folder (from ``dvc.lock``), the git commit, and a hash of every
+parameter: with these, ``git checkout <commit> && dvc checkout`` (or ``dvc repro``)
+restores the very dataset and adapter of a model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from milora.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "dvc.lock"
+
+
+def raw_data_hash(settings: Settings) -> str:
+    """sha256 over the (relative name, bytes) of every file ``ingest.sources`` names."""
+    from milora.data.readers import resolve_sources
+
+    digest = hashlib.sha256()
+    for path in resolve_sources(settings.ingest.sources, settings.root):
+        name = path.relative_to(settings.root) if path.is_relative_to(settings.root) else path
+        digest.update(f"{name}\0".encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, with ``-dirty`` when tracked files differ from it (the run is then
+    not exactly rebuildable from the commit alone)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit}-dirty" if dirty else commit
+
+
+def params_hash(settings: Settings) -> str:
+    """sha256 of every setting (the whole of params.yaml as parsed)."""
+    payload = json.dumps(settings.model_dump(by_alias=True, mode="json"), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def locked_hashes(root: Path) -> dict[str, str]:
+    """``{output path: md5}`` of every stage output recorded in ``dvc.lock``."""
+    path = root / LOCK_FILE
+    if not path.is_file():
+        return {}
+    lock = yaml.safe_load(path.read_text()) or {}
+    return {
+        out["path"]: out.get("md5", "")
+        for stage in (lock.get("stages") or {}).values()
+        for out in stage.get("outs", [])
+    }
+
+
+def lineage(settings: Settings) -> dict[str, Any]:
+    """Everything a registered version records about where it came from."""
+    outs = locked_hashes(settings.root)
+    return {
+        "data_version": outs.get(settings.validation.dataset_dir, ""),
+        "adapter_version": outs.get(settings.train.run_dir, ""),
+        "init_version": outs.get(settings.train.init_dir, ""),
+        "raw_data_hash": raw_data_hash(settings),
+        "git_commit": git_commit(settings.root),
+        "params_hash": params_hash(settings),
+        "base_model": str(settings.base_model),
+    }
+
+
+lineage_task = task(name="prepare", cache_policy=NO_CACHE)(lineage)

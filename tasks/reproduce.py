@@ -1,0 +1,91 @@
+"""Running one DVC stage from the flow: ``dvc repro --single-item STAGE``.
+
+The flow's data and model steps are the DVC stages of ``dvc.yaml`` (which call
+``python -m tasks.<stage>``), so there is one copy of each stage's logic, DVC decides what
+must rerun (a stage whose code, data and params are unchanged is skipped in well under a
+second) and every output is versioned in the DVC cache. This module runs one stage, sends
+its output to the log, and turns a failure into an error that says which stage, with the
+stage's own summary (for bad data: file, rows, rule).
+
+Exit status 75 (``EX_TEMPFAIL``, an I/O error in the stage) raises
+:class:`TransientStageError`, which the Prefect task retries; every other failure raises
+:class:`StageFailedError`, which it does not (bad data fails the same way every time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from milora.offline import OFFLINE_ENV
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S, TEMPFAIL, retry_on_io_error
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("ingest", "validate", "init", "train", "evaluate")
+_EXIT = re.compile(r"exited with (\d+)")
+_SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping")
+
+
+class StageFailedError(RuntimeError):
+    """A stage's command failed for a reason a rerun will not fix."""
+
+
+class TransientStageError(OSError):
+    """A stage's command hit an I/O error; running it again may succeed."""
+
+
+@dataclass
+class StageRun:
+    stage: str
+    ran: bool  # False: DVC found code, data and params unchanged and skipped it
+    seconds: float
+    output: str
+
+
+def stage_env() -> dict[str, str]:
+    """The stage commands' environment: this interpreter's venv first on PATH, nothing calls out."""
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
+    """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=root, env=stage_env(), capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    output = (done.stdout + done.stderr).strip()
+    for line in output.splitlines():
+        logger.info("[%s] %s", stage, line)
+    if done.returncode != 0:
+        codes = [int(c) for c in _EXIT.findall(output)]
+        tail = "\n".join(output.splitlines()[-25:])
+        if TEMPFAIL in codes:
+            raise TransientStageError(f"stage {stage!r} hit an I/O error:\n{tail}")
+        raise StageFailedError(f"stage {stage!r} failed (dvc exit {done.returncode}):\n{tail}")
+    ran = not _SKIPPED.search(output)
+    logger.info("stage %s %s in %.1f s", stage, "ran" if ran else "unchanged, skipped", seconds)
+    return StageRun(stage, ran, seconds, output)
+
+
+reproduce_task = task(
+    name="dvc-stage",
+    task_run_name="{stage}",
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_io_error,
+    cache_policy=NO_CACHE,
+)(reproduce)
