@@ -27,14 +27,17 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Prefect keeps its local state (the temporary server's database) in the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run test lint format bench demo-data clean
+.PHONY: install run method-demo deploy test lint format bench demo-data clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[pipeline,harness,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,15 +47,25 @@ $(DEMO_BASE)/config.json: | $(STAMP)
 
 demo-data: $(DEMO_BASE)/config.json
 
-# The main job. For now: MiLoRA initialisation, identity check, plain-LoRA conversion and
-# rank compression on the demo base model (later issues grow it into the full pipeline).
+# The main job: the retraining flow on the demo world (Prefect without a server, MLflow on
+# a local SQLite store, DVC with a local cache and remote). A second run with unchanged data
+# and params retrains nothing.
 run: $(STAMP) $(DEMO_BASE)/config.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.retrain
+
+# The method alone: spectrum, MiLoRA init (cold, then from the cache), identity check,
+# plain-LoRA conversion, where the adapter sits in the spectrum.
+method-demo: $(STAMP) $(DEMO_BASE)/config.json
 	$(MILORA) inspect $(DEMO_BASE) --rank 8
 	$(MILORA) init $(DEMO_BASE) $(DEMO_OUT)/milora-r8 --rank 8 --cache-dir .cache/svd --overwrite
 	$(MILORA) init $(DEMO_BASE) $(DEMO_OUT)/milora-r4 --rank 4 --cache-dir .cache/svd --overwrite
 	$(MILORA) verify $(DEMO_BASE) $(DEMO_OUT)/milora-r8
 	$(MILORA) convert $(DEMO_OUT)/milora-r8 $(DEMO_OUT)/milora-r8-as-lora
 	$(MILORA) inspect $(DEMO_BASE) --adapter $(DEMO_OUT)/milora-r8 --initial
+
+# Register the prefect.yaml deployments (needs PREFECT_API_URL of a running server).
+deploy: $(STAMP)
+	MILORA_PROJECT_DIR="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -95,7 +95,9 @@ def test_train_then_evaluate_on_the_validated_dataset(settings, tmp_path, monkey
     assert {"exact_match", "f1", "contains", "starts_with", "score", "base_score"} <= set(metrics["company"])
     assert "forgetting" in metrics["recall"] and "forgetting" not in metrics["company"]
     text = metrics["text"]
-    assert text["forgetting"] == pytest.approx(text["score"] - text["base_score"])  # perplexity: rise
+    assert text["forgetting"] == pytest.approx(
+        text["score"] / text["base_score"] - 1
+    )  # perplexity: relative rise
     company = json.loads((out / "company.json").read_text())
     assert (
         company["n"] == 6 and len(company["predictions"]) == 6 and "prediction" in company["predictions"][0]
@@ -182,5 +184,7 @@ def test_train_starts_from_the_init_stage_and_refuses_a_stale_one(settings, tmp_
     staged = load_file(Path(report["init_dir"]) / "adapter_model.safetensors")
     used = load_file(tmp_path / "run" / "init" / "adapter_model.safetensors")
     assert staged.keys() == used.keys() and all((staged[k] == used[k]).all() for k in staged)
-    with pytest.raises(RunMismatchError, match=r"initialised with other r, lora_alpha than this run asks for \(r=16 vs 8"):
+    with pytest.raises(
+        RunMismatchError, match=r"initialised with other r, lora_alpha than this run asks for \(r=16 vs 8"
+    ):
         train(settings.with_overrides({"train.rank": 8}))

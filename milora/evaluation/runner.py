@@ -2,7 +2,7 @@
 
 The base model's results are the "before" of every comparison: the company score before
 fine-tuning and, for suites marked ``retention``, what it knew that fine-tuning may erase
-(forgetting = the drop in the suite's score; for perplexity, its rise). They depend only on
+(forgetting = the drop in the suite's score; for perplexity, its relative rise). They depend only on
 the base weights and the suite, so they are cached under a key of both and computed once
 per base model, not once per training.
 """
@@ -215,14 +215,18 @@ class Comparison:
 def compare(
     base: Mapping[str, SuiteResult], adapter: Mapping[str, SuiteResult], suites: Mapping[str, SuiteSettings]
 ) -> list[Comparison]:
-    """Per suite: base and adapter score; forgetting for retention suites (drop of the
-    score, or rise of perplexity: positive = knowledge lost)."""
+    """Per suite: base and adapter score; forgetting for retention suites (the drop of the
+    score, or the relative rise of perplexity: positive = knowledge lost)."""
     rows = []
     for name, result in adapter.items():
         before = base[name].score if name in base else None
         forgetting = None
         if suites[name].retention and before is not None:
-            forgetting = result.score - before if result.metric in LOWER_IS_BETTER else before - result.score
+            forgetting = (
+                result.score / before - 1.0
+                if result.metric in LOWER_IS_BETTER and before
+                else before - result.score
+            )
         rows.append(
             Comparison(
                 name, result.metric, result.n, before, result.score, suites[name].retention, forgetting

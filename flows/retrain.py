@@ -1,0 +1,111 @@
+"""The retraining flow: new company data in, a validated, trained, evaluated and gated model out.
+
+    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> register -> promote -> report
+
+Data and model steps are the DVC stages of ``dvc.yaml`` (one copy of each stage's code; DVC
+skips what did not change and versions every output); the registry steps talk to MLflow.
+With unchanged data and parameters every stage is skipped, nothing new is registered and
+the run says so. A scheduled run (``skip_if_no_new_data``) first compares the company files
+with the ones the champion was trained on and stops early with "no new data".
+
+Run it: ``python -m flows.retrain`` (Prefect without a server: a temporary local API), or
+as the ``retrain`` deployment of ``prefect.yaml`` on a work pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from tasks.register import champion_lineage, promote_task, register_task
+
+from milora.offline import OFFLINE_ENV
+from milora.settings import DEFAULT_PARAMS, load_settings
+from tasks.lineage import lineage_task, raw_data_hash
+from tasks.report import report_task
+from tasks.reproduce import reproduce_task
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    params: str = DEFAULT_PARAMS,
+    skip_if_no_new_data: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Take the company data named in ``params`` to a registered, gated model."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    settings = load_settings(params)
+    root = settings.root
+
+    if skip_if_no_new_data and not force:
+        champion = champion_lineage(settings)
+        current = raw_data_hash(settings)
+        if champion and champion.get("raw_data_hash") == current:
+            log.info("no new data since champion v%s (raw data %s)", champion.get("version"), current[:12])
+            return report_task(
+                settings, status="no new data", champion=champion, seconds=time.perf_counter() - started
+            )
+
+    stages: dict[str, bool] = {}
+    try:
+        for stage in ("ingest", "validate"):
+            stages[stage] = reproduce_task(stage, root, force=force).ran
+        data = lineage_task.with_options(name="prepare")(settings)
+        log.info("dataset version %s from raw data %s", data["data_version"][:12], data["raw_data_hash"][:12])
+        for stage in ("init", "train", "evaluate"):
+            stages[stage] = reproduce_task(stage, root, force=force).ran
+        model = lineage_task(settings)
+        registration = register_task(settings, model)
+        decision = promote_task(settings, registration["version"]) if registration["new"] else None
+    except Exception as error:
+        # The failed run is recorded with its reason (registry and champion untouched: the
+        # registry steps come last and register only after everything is logged).
+        report_task(
+            settings, status="failed", error=str(error), stages=stages, seconds=time.perf_counter() - started
+        )
+        raise
+    if decision is not None:
+        status = "promoted" if decision["decision"] == "promoted" else "rejected by the gate"
+    else:
+        status = "nothing new"
+        log.info(
+            "unchanged data, parameters and code: nothing retrained, version %s already registered",
+            registration["version"],
+        )
+    return report_task(
+        settings,
+        status=status,
+        stages=stages,
+        registration=registration,
+        decision=decision,
+        lineage=model,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS)
+    parser.add_argument(
+        "--skip-if-no-new-data", action="store_true", help="stop early when the data is the champion's"
+    )
+    parser.add_argument("--force", action="store_true", help="rerun every stage even if unchanged")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MILORA_LOG_LEVEL", "INFO"))
+    result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force)
+    print(result["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

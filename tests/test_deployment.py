@@ -1,0 +1,124 @@
+"""The ``retrain`` deployment of prefect.yaml on real servers: a Prefect server and an MLflow
+server on 127.0.0.1, started here and stopped by PID, a process work pool and a worker that
+executes the scheduled flow in a sandbox project."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from test_flow import COPIED, make_project
+
+from milora.offline import OFFLINE_ENV
+
+BIN = Path(sys.executable).parent
+MODEL = "milora-company-assistant"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {seconds} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server and its children by process group id."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    home = tmp_path_factory.mktemp("servers")
+    env = {**os.environ, **OFFLINE_ENV, "PREFECT_HOME": str(home / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    prefect_port, mlflow_port = free_port(), free_port()
+    logs = [open(home / name, "w") for name in ("prefect.log", "mlflow.log")]  # noqa: SIM115
+    prefect = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    mlflow = subprocess.Popen(
+        [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(mlflow_port), "--workers", "1"],
+        env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", prefect)
+        wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", mlflow)
+        yield {
+            **env,
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    finally:
+        stop(prefect)
+        stop(mlflow)
+        for log in logs:
+            log.close()
+
+
+def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir):
+    project = make_project(tmp_path / "project", chat_model_dir, [*COPIED, "flows", "prefect.yaml"])
+    env = {**servers, "MILORA_PROJECT_DIR": str(project), "COLUMNS": "250"}  # untruncated tables
+
+    def cli(*args: str, timeout: float = 120) -> str:
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    cli("work-pool", "create", "milora-local", "--type", "process")
+    cli("--no-prompt", "deploy", "--all")
+    inspected = cli("deployment", "inspect", "retrain/retrain")
+    assert "0 3 * * *" in inspected and "CANCEL_NEW" in inspected.upper()
+    cli("deployment", "run", "retrain/retrain", "--param", "skip_if_no_new_data=false")
+    worker = subprocess.run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "milora-local", "--run-once"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    runs = cli("flow-run", "ls", "--flow-name", "retrain")
+    assert "COMPLETED" in runs, runs
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.tags["method"] == "milora"
+    record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
+    assert record["status"] == "promoted" and record["flow_run"]["name"]

@@ -1,0 +1,415 @@
+"""The registry stage on a real tiny run: a real MLflow SQLite store, real artifacts, real aliases.
+
+One run folder and one evaluation are produced per module (ingest -> validate -> train ->
+evaluate on the tiny chat model); gate tests copy the evaluation and edit its metrics.json to
+make better or worse challengers. Every test registers under its own model name in the one
+store of the module, so tests do not see each other's versions and aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import company_conversations
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from test_ingest import make_settings, write_jsonl
+from test_stages import TINY_PROFILE, suites
+
+from milora.settings import Settings
+from tasks import register as reg
+from tasks import run_command
+from tasks.evaluate import evaluate
+from tasks.ingest import ingest
+from tasks.train import train
+from tasks.validate import validate
+
+DATA_VERSION = "5d41402abc4b2a76b9719d911017c592.dir"  # a DVC directory md5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, chat_model_dir) -> Settings:
+    """A project folder with a validated dataset, a trained run and its evaluation."""
+    with pytest.MonkeyPatch.context() as env:  # never a developer's tracking server
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        root = tmp_path_factory.mktemp("registry-project")
+        env.chdir(root)  # MLflow's default store is ./mlflow.db: never the repository's
+        write_jsonl(root / "drop.jsonl", [{"messages": m} for m in company_conversations(24)])
+        settings = make_settings(
+            root,
+            {
+                "base_model": chat_model_dir,
+                "ingest.sources": ["drop.jsonl"],
+                "validate.max_tokens": 120,
+                "train.profile": "tiny",
+                "train.profiles": {"tiny": TINY_PROFILE},
+                "train.run_dir": "run",
+                "train.cache_dir": None,
+                "evaluate.suites": suites(root),
+                "evaluate.batch_size": 4,
+                "evaluate.cache_dir": None,
+                "registry.tracking_uri": "sqlite:///mlflow.db",  # relative: from the project root
+                "registry.artifact_location": "mlartifacts",
+            },
+        )
+        ingest(settings)
+        validate(settings)
+        train(settings)
+        evaluate(settings)
+        yield settings
+
+
+@pytest.fixture
+def model(trained, request) -> Settings:
+    """The module's project with a registered-model name of this test's own."""
+    name = "m-" + re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)
+    return trained.with_overrides({"registry.model_name": name})
+
+
+def lineage(n: int | str, **changes: str) -> dict[str, str]:
+    return {
+        "data_version": DATA_VERSION,
+        "adapter_version": f"a{n}".ljust(32, "0") + ".dir",
+        "git_commit": "0123456789abcdef0123456789abcdef01234567",
+        "params_hash": "9" * 64,
+        "raw_data_hash": f"raw{n}".ljust(64, "0"),
+        **changes,
+    }
+
+
+def client_of(settings: Settings) -> MlflowClient:
+    return MlflowClient(reg.tracking_uri(settings))
+
+
+def with_metrics(settings: Settings, folder: Path, **scores: float) -> Settings:
+    """The settings evaluated into a copy of the evaluation whose metrics.json has ``scores``
+    (``company__score=0.5`` sets ``metrics["company"]["score"]``)."""
+    shutil.copytree(settings.path(settings.evaluation.out_dir), folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key, value in scores.items():
+        suite, metric = key.split("__")
+        metrics[suite][metric] = value
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return settings.with_overrides({"evaluate.out_dir": str(folder)})
+
+
+def versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def alias(client: MlflowClient, name: str, label: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, label).version)
+    except MlflowException:
+        return None
+
+
+def experiment_runs(client: MlflowClient, settings: Settings) -> dict[str, Any]:
+    experiment = client.get_experiment_by_name(settings.registry.experiment)
+    return {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+
+
+# --------------------------------------------------------------------------- tracking URI
+def test_tracking_uri_is_absolute_from_the_root_and_the_environment_wins(trained, monkeypatch):
+    uri = reg.tracking_uri(trained)
+    root = trained.root.resolve()
+    assert uri == f"sqlite:///{root / 'mlflow.db'}"
+    assert (root / "mlflow.db").is_file()
+    experiment = MlflowClient(uri).get_experiment_by_name(trained.registry.experiment)
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+
+    monkeypatch.setattr(reg, "_prepare", lambda *args: None)  # no server to talk to here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert reg.tracking_uri(trained) == "http://mlflow.internal:5000"
+    assert reg._artifact_location(trained, "http://mlflow.internal:5000") is None  # the server's own
+
+
+# --------------------------------------------------------------------------- register
+def test_register_logs_the_whole_run_then_registers_the_served_adapter(model):
+    run_dir = model.path(model.train.run_dir)
+    result = reg.register(model, lineage(1))
+    client = client_of(model)
+    name = model.registry.model_name
+    assert result["new"] and result["version"] == "1"
+    assert result["metrics"]["company.score"] == pytest.approx(
+        json.loads((model.path(model.evaluation.out_dir) / "metrics.json").read_text())["company"]["score"]
+    )
+
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["method"] == "milora" and params["rank"] == "16" and params["alpha"] == "16.0"
+    assert params["targets"] == ",".join(model.train.target_modules) and params["dropout"] == "0.05"
+    assert params["profile"] == "tiny" and params["max_steps"] == "4" and params["learning_rate"] == "0.005"
+    assert params["base_model"] == model.base_model
+    history = client.get_metric_history(result["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    metrics = run.data.metrics
+    for key in ("company.score", "company.f1", "recall.forgetting", "text.perplexity", "text.forgetting"):
+        assert key in metrics, key
+    assert "company.forgetting" not in metrics  # not a retention suite
+
+    tags = run.data.tags
+    for key, value in lineage(1).items():
+        assert tags[key] == value
+    assert tags["base_model"] == model.base_model and tags["base_model_digest"].startswith("xxh3-128:")
+    assert tags["method"] == "milora" and tags["rank"] == "16"
+    assert "| company |" in tags["mlflow.note.content"]  # the evaluation table as the run's note
+
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == DATA_VERSION and DATA_VERSION in dataset.dataset.name
+    input_tags = {t.key: t.value for t in dataset.tags}
+    assert input_tags["mlflow.data.context"] == "training" and input_tags["rows"] == "24"
+
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(model.root.resolve() / "mlartifacts")
+    logged = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()}
+    for path in (
+        "train/loss_curve.png",
+        "train/train_summary.json",
+        "eval/metrics.json",
+        "eval/comparison.json",
+        "eval/summary.md",
+        "eval/company.json",
+        "eval/base/company.json",
+        "validation/summary.json",
+        "validation/data_docs/index.html",
+        "adapter/adapter_model.safetensors",
+        "adapter/initial/adapter_model.safetensors",
+        "adapter_for_stock_base/adapter_model.safetensors",
+        "adapter_for_stock_base/adapter_config.json",
+    ):
+        assert path in logged, path
+    assert not any(p.startswith("validation/quarantine") for p in logged)
+
+    # Adapter files only: no base weights anywhere, no weight file bigger than the adapter.
+    served_bytes = (run_dir / "adapter_for_stock_base" / "adapter_model.safetensors").stat().st_size
+    base_bytes = (Path(model.base_model) / "model.safetensors").stat().st_size
+    assert base_bytes > served_bytes  # so the size check below would catch a copied base
+    weights = [p for p in artifacts.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert weights and all(p.name.startswith("adapter_model") for p in weights)
+    assert max(p.stat().st_size for p in weights) <= served_bytes
+
+    # The version: the served plain-LoRA adapter, its lineage, alias challenger, no champion yet.
+    version = client.get_model_version(name, "1")
+    assert version.source.endswith("/adapter_for_stock_base") and version.run_id == result["run_id"]
+    for key, value in lineage(1).items():
+        assert version.tags[key] == value
+    assert version.tags["method"] == "milora" and version.tags["rank"] == "16"
+    assert version.tags["served_rank"] == "32" and version.tags["base_model"] == model.base_model
+    assert alias(client, name, "challenger") == "1" and alias(client, name, "champion") is None
+    served = Path(client.get_model_version_download_uri(name, "1").removeprefix("file://"))
+    config = json.loads((Path(served) / "adapter_config.json").read_text())
+    assert config["r"] == 32 and not (Path(served) / "initial").exists()  # plain LoRA, rank 2r
+
+    # Same data, parameters, adapter and commit again: nothing new, no new run, same version.
+    runs_before = set(experiment_runs(client, model))
+    again = reg.register(model, lineage(1))
+    assert not again["new"] and again["version"] == "1" and again["run_id"] == result["run_id"]
+    assert again["metrics"]["company.score"] == result["metrics"]["company.score"]
+    assert versions(client, name) == ["1"] and set(experiment_runs(client, model)) == runs_before
+    assert reg.register(model, lineage(1, git_commit="f" * 40))["new"]  # other code: a new version
+
+
+def test_non_adapter_files_in_an_adapter_folder_are_never_logged(model, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(model.path(model.train.run_dir), run_dir)
+    (run_dir / "adapter_for_stock_base" / "model.safetensors").write_bytes(b"\0" * 4096)  # a stray base
+    (run_dir / "adapter" / "tokenizer.json").write_text("{}")
+    result = reg.register(model.with_overrides({"train.run_dir": str(run_dir)}), lineage("stray"))
+    run = client_of(model).get_run(result["run_id"])
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    names = {p.name for p in artifacts.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in names
+    assert "model.safetensors" not in names and "tokenizer.json" not in names
+
+
+def test_register_refuses_missing_lineage_or_outputs(model, tmp_path):
+    with pytest.raises(reg.RegistryError, match="lineage lacks data_version"):
+        reg.register(model, lineage(1, data_version=""))
+    with pytest.raises(reg.RegistryError, match="nothing to register: missing train_summary"):
+        reg.register(model.with_overrides({"train.run_dir": str(tmp_path / "none")}), lineage(1))
+    assert versions(client_of(model), model.registry.model_name) == []
+
+
+def test_failed_logging_registers_nothing_and_fails_the_run(model, monkeypatch):
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(model, lineage(1))
+    reg.promote(model, first["version"])
+    runs_before = set(experiment_runs(client, model))
+
+    real = MlflowClient.log_artifact
+
+    def flaky(self, run_id, local_path, artifact_path=None):
+        if Path(local_path).name == "summary.md":
+            raise OSError("disk full while copying summary.md")
+        return real(self, run_id, local_path, artifact_path)
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        reg.register(model, lineage(2))
+    (new_run,) = set(experiment_runs(client, model)) - runs_before
+    assert client.get_run(new_run).info.status == "FAILED"
+    assert versions(client, name) == ["1"]
+    assert alias(client, name, "champion") == "1" and alias(client, name, "challenger") == "1"
+
+
+# --------------------------------------------------------------------------- gate
+def test_first_model_is_promoted_then_a_better_one_replaces_it_and_rollback_restores(model, tmp_path):
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    decision = reg.promote(model, first["version"])
+    assert decision["decision"] == "promoted" and decision["reasons"] == ["first model: no champion yet"]
+    assert decision["champion"] == "1" and decision["previous"] is None
+    assert alias(client, name, "champion") == "1"
+    assert reg.champion_lineage(model)["raw_data_hash"] == lineage(1)["raw_data_hash"]
+
+    better = with_metrics(model, tmp_path / "v2", company__score=0.6, recall__forgetting=0.05)
+    second = reg.register(better, lineage(2))
+    assert alias(client, name, "challenger") == "2" and alias(client, name, "champion") == "1"
+    decision = reg.promote(model, second["version"])
+    assert decision == {
+        "version": "2",
+        "decision": "promoted",
+        "reasons": decision["reasons"],
+        "champion": "2",
+        "previous": "1",
+    }
+    assert any(r.startswith("company score 0.6000 >= champion 0.4000") for r in decision["reasons"])
+    assert any("recall forgetting 0.0500 <= max 0.1000: ok" in r for r in decision["reasons"])
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate.decision"] == "promoted" and tags["previous_champion"] == "1"
+    assert "against champion v1" in tags["gate.reasons"]
+    assert alias(client, name, "champion") == "2"
+    champion = reg.champion_lineage(model)
+    assert champion["version"] == "2" and champion["raw_data_hash"] == lineage(2)["raw_data_hash"]
+    assert reg.promote(model, "2")["reasons"] == ["already the champion"]
+
+    back = reg.rollback(model)
+    assert back["champion"] == "1" and back["previous"] == "2"
+    assert alias(client, name, "champion") == "1"
+    assert client.get_model_version(name, "2").tags["rolled_back"] == "true"
+    with pytest.raises(reg.RegistryError, match="no previous champion"):
+        reg.rollback(model)
+    assert alias(client, name, "champion") == "1"
+
+
+@pytest.mark.parametrize(
+    ("changes", "failed"),
+    [
+        (
+            {"company__score": 0.3},
+            "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED",
+        ),
+        (
+            {"company__score": 0.6, "recall__forgetting": 0.25},
+            "recall forgetting 0.2500 <= max 0.1000: FAILED",
+        ),
+        ({"company__score": 0.6, "recall__score": 0.4}, "recall score 0.4000 >= champion 0.5000 - tolerance"),
+        (
+            {"company__score": 0.6, "text__score": 20.5},
+            "text perplexity 20.5000 <= champion 20.0000 + tolerance",
+        ),
+    ],
+    ids=["company-drop", "forgetting", "other-suite-drop", "perplexity-rise"],
+)
+def test_gate_rejection_keeps_the_champion_and_records_why(model, tmp_path, changes, failed):
+    client = client_of(model)
+    name = model.registry.model_name
+    base = {"company__score": 0.5, "recall__score": 0.5, "recall__forgetting": 0.0, "text__score": 20.0}
+    champion = reg.register(with_metrics(model, tmp_path / "champion", **base), lineage(1))
+    reg.promote(model, champion["version"])
+    challenger = reg.register(with_metrics(model, tmp_path / "challenger", **{**base, **changes}), lineage(2))
+    decision = reg.promote(model, challenger["version"])
+    assert decision["decision"] == "rejected" and decision["champion"] == "1" and decision["previous"] == "1"
+    assert any(r.startswith(failed) and r.endswith("FAILED") for r in decision["reasons"]), decision[
+        "reasons"
+    ]
+    assert alias(client, name, "champion") == "1" and alias(client, name, "challenger") == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate.decision"] == "rejected" and failed in tags["gate.reasons"]
+    assert "previous_champion" not in tags
+
+
+def test_gate_perplexity_is_lower_is_better():
+    settings = Settings()
+    champion = {"company.score": 0.5, "text.perplexity": 20.0, "text.score": 20.0}
+    passed, reasons = reg.gate({**champion, "text.perplexity": 12.0, "text.score": 12.0}, champion, settings)
+    assert passed, reasons
+    passed, _ = reg.gate({**champion, "text.perplexity": 20.5, "text.score": 20.5}, champion, settings)
+    assert not passed
+
+
+# --------------------------------------------------------------------------- tasks and command
+class _State:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    def result(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _rest_failure() -> MlflowException:
+    """How MLflow's REST client reports an unreachable server: a plain MlflowException."""
+    try:
+        try:
+            raise ConnectionRefusedError("connection refused")
+        except ConnectionRefusedError as error:
+            raise MlflowException(f"API request failed with exception {error}")  # noqa: B904
+    except MlflowException as wrapped:
+        return wrapped
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConnectionError("registry unreachable"), True),
+        (OSError("disk"), True),
+        (MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE), True),
+        (MlflowException("(sqlite3.OperationalError) database is locked"), True),
+        (_rest_failure(), True),
+        (MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE), False),
+        (reg.RegistryError("no previous champion"), False),
+        (ValueError("bad metrics"), False),
+        (None, False),
+    ],
+)
+def test_tasks_retry_transient_registry_faults_only(error, retried):
+    assert reg.retry_on_registry_fault(None, None, _State(error)) is retried
+    for stage in (reg.register_task, reg.promote_task, reg.rollback_task):
+        assert stage.retry_condition_fn is reg.retry_on_registry_fault and stage.retries > 0
+
+
+def test_command_show_promote_rollback(model, tmp_path, capsys):
+    params = model.root / f"{model.registry.model_name}.yaml"  # beside params.yaml: the same store
+    params.write_text(yaml.safe_dump(model.model_dump(by_alias=True, mode="json")))
+
+    def command(*args: str) -> int:
+        with pytest.raises(SystemExit) as exit_:
+            run_command(lambda: reg.main(["--params", str(params), *args]))
+        return exit_.value.code
+
+    assert command("rollback") == 1
+    assert "has no champion: nothing to roll back" in capsys.readouterr().err
+    assert command("promote", "7") == 1
+    assert "has no version 7" in capsys.readouterr().err
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.25), lineage(1))
+    assert command("promote", first["version"]) == 0
+    assert "version 1: promoted (champion: 1)" in capsys.readouterr().out
+    assert command("show") == 0
+    out = capsys.readouterr().out
+    assert "champion: version 1" in out and "challenger: version 1" in out
+    assert "company: score 0.2500" in out and f"data_version: {DATA_VERSION}" in out
+    assert command("rollback") == 1
+    assert "first champion: there is no previous champion" in capsys.readouterr().err
