@@ -8,8 +8,7 @@ start in a second, not ten).
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from milora._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,11 +30,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'milora' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

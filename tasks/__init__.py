@@ -29,6 +29,25 @@ IO_RETRY_DELAY_S = 5
 TEMPFAIL = 75  # exit status of a stage command that hit an I/O error (sysexits EX_TEMPFAIL): retried
 
 
+def stage_task(
+    fn: Callable[..., Any], name: str, retry_condition: Callable[..., bool] | None = None, **options: Any
+) -> Any:
+    """``fn`` as a Prefect task: retried (IO_RETRIES times) only when ``retry_condition``
+    says the failure was transient (default: an I/O error, never bad data); no result
+    caching, since DVC and the registry decide what is already done."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(
+        name=name,
+        retries=IO_RETRIES,
+        retry_delay_seconds=IO_RETRY_DELAY_S,
+        retry_condition_fn=retry_condition or retry_on_io_error,
+        cache_policy=NO_CACHE,
+        **options,
+    )(fn)
+
+
 def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a flaky disk or network share, never bad data."""
     from milora.data.errors import DataValidationError

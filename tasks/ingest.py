@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from milora.data.dataset import (
@@ -40,7 +38,7 @@ from milora.data.errors import DataValidationError, Finding
 from milora.data.normalise import FieldMapping, normalise, split_of
 from milora.data.readers import FileProblem, iter_rows, resolve_sources
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, retry_on_io_error, run_command
+from tasks import run_command, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +194,7 @@ def ingest(
     return report
 
 
-ingest_task = task(
-    name="ingest",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-)(ingest)
+ingest_task = stage_task(ingest, "ingest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

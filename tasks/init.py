@@ -19,11 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, parse_overrides, retry_on_io_error, run_command
+from tasks import parse_overrides, run_command, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +51,7 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     return {"init_dir": str(out), "seconds": seconds, "method": cfg.method, "rank": cfg.rank}
 
 
-init_task = task(
-    name="svd-init",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-)(init)
+init_task = stage_task(init, "svd-init")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,11 +35,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, TEMPFAIL, parse_overrides, run_command
+from tasks import TEMPFAIL, parse_overrides, run_command, stage_task
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -711,27 +708,9 @@ def champion_lineage(settings: Settings) -> dict[str, str] | None:
     return {**champion.tags, "version": str(champion.version), "run_id": champion.run_id or ""}
 
 
-register_task = task(
-    name="register",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_registry_fault,
-    cache_policy=NO_CACHE,
-)(register)
-promote_task = task(
-    name="promote",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_registry_fault,
-    cache_policy=NO_CACHE,
-)(promote)
-rollback_task = task(
-    name="rollback",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_registry_fault,
-    cache_policy=NO_CACHE,
-)(rollback)
+register_task = stage_task(register, "register", retry_on_registry_fault)
+promote_task = stage_task(promote, "promote", retry_on_registry_fault)
+rollback_task = stage_task(rollback, "rollback", retry_on_registry_fault)
 
 
 # --------------------------------------------------------------------------- command

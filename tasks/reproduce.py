@@ -23,11 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from milora.offline import OFFLINE_ENV
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, TEMPFAIL, retry_on_io_error
+from tasks import TEMPFAIL, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +78,4 @@ def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = F
     return StageRun(stage, ran, seconds, output)
 
 
-reproduce_task = task(
-    name="dvc-stage",
-    task_run_name="{stage}",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-)(reproduce)
+reproduce_task = stage_task(reproduce, "dvc-stage", task_run_name="{stage}")

@@ -23,11 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, parse_overrides, retry_on_io_error, run_command
+from tasks import parse_overrides, run_command, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +74,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     }
 
 
-train_task = task(
-    name="train",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-)(train)
+train_task = stage_task(train, "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,8 +34,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from milora.data.checks import CONTENT_CHECKS, row_checks
@@ -57,7 +55,7 @@ from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
 from milora.data.tokens import TokenCounter, context_length
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S, retry_on_io_error, run_command
+from tasks import run_command, stage_task
 from tasks.ingest import ingest
 
 logger = logging.getLogger(__name__)
@@ -567,13 +565,7 @@ def check_files(
         return validate(settings, Path(scratch) / "ingested", reports_dir=reports_dir, publish=False)
 
 
-validate_task = task(
-    name="validate",
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=retry_on_io_error,
-    cache_policy=NO_CACHE,
-)(validate)
+validate_task = stage_task(validate, "validate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,7 @@ loads without transformers.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from milora._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "milora.training.config",
@@ -24,7 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'milora.training' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
