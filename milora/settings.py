@@ -80,6 +80,9 @@ class ContaminationSettings(Section):
         default_factory=lambda: ["../shared/benchmarks"],
         description="benchmark files/folders/globs (JSON lists or JSONL); a missing named path is an error",
     )
+    optional: list[str] = Field(
+        default_factory=list, description="benchmark paths checked when present (not on every machine)"
+    )
     ngram: int = Field(13, ge=5, le=50, description="words in a shared passage that counts as a copy")
     max_item_frequency: int = Field(10, ge=1, description="n-grams in more benchmark items are templates")
     cache_dir: str | None = Field(".cache/contamination", description="index cache; null disables it")

@@ -346,6 +346,7 @@ def _tools(settings: Settings, reports: Path) -> _Tools:
     contamination = cfg.contamination
     try:
         files = benchmark_files(contamination.benchmarks, settings.root)
+        files += benchmark_files(contamination.optional, settings.root, required=False)
     except FileNotFoundError as error:
         raise SettingsError(str(error)) from None
     cache = settings.path(contamination.cache_dir) if contamination.cache_dir else None

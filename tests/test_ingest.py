@@ -451,3 +451,11 @@ def test_token_counter_matches_the_chat_template():
         for c in conversations
     ]
     assert counter.count(conversations).tolist() == exact
+
+
+def test_optional_benchmark_paths_may_be_absent(tmp_path):
+    from milora.data.contamination import benchmark_files
+
+    assert benchmark_files(["missing/benchmarks"], tmp_path, required=False) == []
+    with pytest.raises(FileNotFoundError, match="benchmark path missing/benchmarks does not exist"):
+        benchmark_files(["missing/benchmarks"], tmp_path)

@@ -97,8 +97,9 @@ def _rolling(ids: np.ndarray, n: int) -> np.ndarray:
     return hashes
 
 
-def benchmark_files(entries: Sequence[str | Path], root: Path) -> list[Path]:
-    """Benchmark files named by ``entries`` (files, folders, globs), sorted within each."""
+def benchmark_files(entries: Sequence[str | Path], root: Path, *, required: bool = True) -> list[Path]:
+    """Benchmark files named by ``entries`` (files, folders, globs), sorted within each; a
+    missing named path is an error, or with ``required=False`` a warning."""
     import glob
 
     files: list[Path] = []
@@ -113,6 +114,8 @@ def benchmark_files(entries: Sequence[str | Path], root: Path) -> list[Path]:
             files += sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES)
         elif path.is_file():
             files.append(path)
+        elif not required:
+            logger.warning("contamination: optional benchmark path %s is absent, not checked", entry)
         else:
             raise FileNotFoundError(
                 f"benchmark path {entry} does not exist (validate.contamination.benchmarks in params.yaml)"
