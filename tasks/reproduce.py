@@ -3,8 +3,8 @@
 The flow's data and model steps are the DVC stages of ``dvc.yaml`` (which call
 ``python -m tasks.<stage>``), so there is one copy of each stage's logic, DVC decides what
 must rerun (a stage whose code, data and params are unchanged is skipped in well under a
-second) and every output is versioned in the DVC cache. This module runs one stage, sends
-its output to the log, and turns a failure into an error that says which stage, with the
+second) and every output is versioned in the DVC cache. This module runs one stage (when
+``dvc status`` says something of it changed), sends its output to the log, and turns a failure into an error that says which stage, with the
 stage's own summary (for bad data: file, rows, rule).
 
 Exit status 75 (``EX_TEMPFAIL``, an I/O error in the stage) raises
@@ -56,12 +56,28 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+def changed(stage: str, root: str | os.PathLike[str] = ".") -> bool:
+    """Whether ``dvc status`` finds anything of ``stage`` changed since ``dvc.lock`` (deps,
+    params, outputs missing or modified). Asked in this process: a DVC command per unchanged
+    stage would cost a second of start-up each."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return bool(repo.status(targets=[stage]))
+
+
 def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
     """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     started = time.perf_counter()
+    if not force and not changed(stage, root):
+        seconds = time.perf_counter() - started
+        logger.info(
+            "stage %s unchanged (code, data and params as in dvc.lock), skipped in %.1f s", stage, seconds
+        )
+        return StageRun(stage, False, seconds, "")
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     done = subprocess.run(command, cwd=root, env=stage_env(), capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     output = (done.stdout + done.stderr).strip()
