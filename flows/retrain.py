@@ -22,17 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from tasks.register import champion_lineage, promote_task, register_task
-
+# Before Prefect loads: nothing calls out, and the stages' own loggers reach the run's logs.
 from milora.offline import OFFLINE_ENV
-from milora.settings import DEFAULT_PARAMS, load_settings
-from tasks.lineage import lineage_task, raw_data_hash
-from tasks.report import report_task
-from tasks.reproduce import reproduce_task
 
-for _key, _value in OFFLINE_ENV.items():
+for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milora"}.items():
     os.environ.setdefault(_key, _value)
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+from milora.settings import DEFAULT_PARAMS, load_settings  # noqa: E402
+from tasks.lineage import lineage_task, raw_data_hash  # noqa: E402
+from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
+from tasks.report import report_task  # noqa: E402
+from tasks.reproduce import reproduce_task  # noqa: E402
 
 
 @flow(name="retrain", log_prints=True)
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MILORA_LOG_LEVEL", "INFO"))
     result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force)
+    settings = load_settings(args.params)
+    table = settings.path(settings.evaluation.out_dir) / "summary.md"
+    if result["status"] != "no new data" and table.is_file():
+        print(f"\nevaluation of the current adapter against the base ({table}):\n{table.read_text()}")
+    if result.get("decision"):
+        print("gate: " + "; ".join(result["decision"].get("reasons") or []))
     print(result["summary"])
     return 0
 
