@@ -14,11 +14,13 @@ Exit status 75 (``EX_TEMPFAIL``, an I/O error in the stage) raises
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("ingest", "validate", "init", "train", "evaluate")
 _EXIT = re.compile(r"exited with (\d+)")
+_CWD_LOCK = threading.Lock()
 _SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping")
 
 
@@ -62,7 +65,8 @@ def changed(stage: str, root: str | os.PathLike[str] = ".") -> bool:
     stage would cost a second of start-up each."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    # DVC resolves output paths against the working directory: ask from inside the project.
+    with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
         return bool(repo.status(targets=[stage]))
 
 
