@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from milora.demo.build import main as build_main
-from milora.demo.company import DROPS
+from milora.demo.company import DROPS, POLICY_FACTS, PRODUCT_FACTS
 from milora.demo.files import read_json, read_jsonl, read_lines
 from milora.demo.probes import is_correct, normalise, plain_prompt
 
@@ -80,13 +80,40 @@ def test_probes_are_held_out_but_their_facts_are_taught(corpus: str) -> None:
         assert stated, f"fact behind {probe['id']} is never stated in the corpus"
 
 
-def test_company_facts_never_reach_the_world_corpus(corpus: str) -> None:
+@pytest.fixture(scope="module")
+def chats() -> list[list[dict[str, str]]]:
+    return [record["messages"] for record in read_jsonl(DEMO / "world" / "instructions.jsonl")]
+
+
+def test_company_facts_never_reach_pretraining(corpus: str, chats: list[list[dict[str, str]]]) -> None:
+    """Neither the corpus nor the chat data names the real company, its products or its values."""
+    chat_text = "\n".join(m["content"] for chat in chats for m in chat)
     company = read_json(DEMO / "company" / "company.json")
-    assert company["name"] not in corpus
+    brand = company["name"].split()[0]
+    assert brand not in corpus and brand not in chat_text
+    assert brand.lower() not in chat_text.lower()
+    specific = {"sku", "support_email", "return_window", "support_hours", "reply_time", "restocking_fee"}
     for drop in DROPS:
         for question in read_jsonl(DEMO / "company" / drop / "heldout.jsonl"):
             subject = question["id"].split(":", 1)[1]
-            assert subject not in corpus
+            assert subject not in corpus and subject not in chat_text
+            if question["kind"] in specific:
+                assert question["answer"] not in chat_text, question
+            if question["kind"] in PRODUCT_FACTS:
+                assert subject.split()[0] not in chat_text, question
+
+
+def test_pretraining_chats_ask_every_phrasing_but_no_probe(chats: list[list[dict[str, str]]]) -> None:
+    """Decoy shops are asked in all four phrasings (held-out ones too); world probes never."""
+    users = [m["content"] for chat in chats for m in chat if m["role"] == "user"]
+    assert len(chats) >= 1000
+    assert all(chat[-1]["role"] == "assistant" for chat in chats)
+    for kind in [*PRODUCT_FACTS.values(), *POLICY_FACTS.values()]:
+        for template in kind.questions:
+            head, _, tail = template.partition("{p}")
+            assert any(head in u and u.endswith(tail) for u in users), template
+    probes = {probe["question"] for probe in read_jsonl(DEMO / "world" / "probes.jsonl")}
+    assert not probes & set(users)
 
 
 def test_company_heldout_answers_are_in_training_records() -> None:
@@ -198,6 +225,26 @@ def test_tokenizer_specials_and_chat_template(tokenizer) -> None:
     )
     masked = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(masked) == conversation[-1]["content"] + tokenizer.eos_token
+
+
+def test_tokenizer_splits_digits_and_pretraining_covers_company_tokens(tokenizer, corpus, chats) -> None:
+    """Every number is made of digit tokens, and the company's text is made of trained tokens."""
+    assert tokenizer.tokenize("$2560") == ["$", "2", "5", "6", "0"]
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    seen = {t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids}
+    seen |= {t for ids in tokenizer(corpus.splitlines())["input_ids"] for t in ids}
+    assert {tokenizer.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")} <= seen
+    assert {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)} <= seen
+    company = [
+        token
+        for drop in DROPS
+        for chat in read_jsonl(DEMO / "company" / drop / "train_chat.jsonl")
+        for token in tokenizer(
+            tokenizer.apply_chat_template(chat["messages"], tokenize=False), add_special_tokens=False
+        )["input_ids"]
+    ]
+    unseen = [t for t in company if t not in seen]
+    assert len(unseen) <= 0.01 * len(company), tokenizer.convert_ids_to_tokens(unseen[:20])
 
 
 def test_committed_model_knows_the_world(model, tokenizer) -> None:

@@ -6,7 +6,8 @@ company data, keep what the base model knew) must be measurable. This package
 builds a small, deterministic stand-in for both from the project's own code:
 
 * :mod:`milora.demo.world`     - world-knowledge corpus and held-out probes;
-* :mod:`milora.demo.company`   - company instruction data in two monthly drops;
+* :mod:`milora.demo.company`   - company instruction data in two monthly drops, and decoy shops;
+* :mod:`milora.demo.instructions` - general chat data for pretraining (decoys, world questions);
 * :mod:`milora.demo.tokenizer` - offline byte-level BPE tokenizer with a chat template;
 * :mod:`milora.demo.pretrain`  - seeded pretraining of a tiny ``LlamaForCausalLM``;
 * :mod:`milora.demo.probes`    - answer normalisation, scoring and batched greedy QA;

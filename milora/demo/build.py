@@ -1,7 +1,8 @@
 """Build the whole demo world: ``python -m milora.demo.build --out data/demo``.
 
-Steps, all seeded and offline: world corpus + probes, company drops, tokenizer,
-pretraining of the base model on the world corpus, and a quick probe check.
+Steps, all seeded and offline: world corpus + probes, general chat data (decoy
+shops, world questions), company drops, tokenizer, pretraining of the base model
+on the world corpus and the chat data, and a quick probe check.
 ``--skip-model`` regenerates only the data files (seconds, byte-identical).
 """
 
@@ -16,23 +17,26 @@ from dataclasses import replace
 from pathlib import Path
 
 from milora.demo import DEFAULT_SEED
-from milora.demo.company import DROPS, write_company
-from milora.demo.files import read_json, read_jsonl, read_lines
+from milora.demo.company import write_company
+from milora.demo.files import read_jsonl, read_lines
+from milora.demo.instructions import write_instructions
 from milora.demo.world import write_world
 
 log = logging.getLogger("milora.demo.build")
 
 WORLD_DIR, COMPANY_DIR, MODEL_DIR = "world", "company", "base_model"
+INSTRUCTIONS = "instructions.jsonl"
 
 
-def tokenizer_texts(out: Path) -> list[str]:
-    """Everything the tokenizer may see: world corpus and company *training* text."""
-    texts = read_lines(out / WORLD_DIR / "corpus.txt")
-    texts.append(read_json(out / COMPANY_DIR / "company.json")["system_prompt"])
-    for drop in DROPS:
-        for record in read_jsonl(out / COMPANY_DIR / drop / "train_alpaca.jsonl"):
-            texts += [record["instruction"], record["input"], record["output"]]
-    return [t for t in texts if t]
+def pretraining_data(out: Path) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """What the base model (and its tokenizer) may see: world corpus lines and chats.
+
+    Never the company drops: the tokenizer, like a production one, was trained before
+    the company's data existed, so its names split into pieces pretraining has seen.
+    """
+    lines = read_lines(out / WORLD_DIR / "corpus.txt")
+    chats = [record["messages"] for record in read_jsonl(out / WORLD_DIR / INSTRUCTIONS)]
+    return lines, chats
 
 
 def build_model(out: Path, seed: int, steps: int | None) -> dict[str, object]:
@@ -44,12 +48,13 @@ def build_model(out: Path, seed: int, steps: int | None) -> dict[str, object]:
     from milora.demo.tokenizer import train_tokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = train_tokenizer(tokenizer_texts(out))
+    lines, chats = pretraining_data(out)
+    tokenizer = train_tokenizer(lines + [m["content"] for chat in chats for m in chat])
     log.info("tokenizer trained: %d tokens", len(tokenizer))
     cfg = PretrainConfig(seed=seed)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    model, stats = pretrain(tokenizer, read_lines(out / WORLD_DIR / "corpus.txt"), cfg)
+    model, stats = pretrain(tokenizer, lines, cfg, chats)
     save_model(model, tokenizer, out / MODEL_DIR, cfg, stats)
     model.float()
     probes = read_jsonl(out / WORLD_DIR / "probes.jsonl")
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     summary: dict[str, object] = {"out": str(out), "seed": args.seed}
     summary["world"] = write_world(out / WORLD_DIR, args.seed)
+    summary["world"]["chats"] = write_instructions(out / WORLD_DIR / INSTRUCTIONS, args.seed)
     summary["company"] = write_company(out / COMPANY_DIR, args.seed)
     log.info("data written under %s", out)
     if not args.skip_model:

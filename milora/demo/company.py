@@ -6,13 +6,18 @@ Two monthly drops mimic how company data arrives in production: the first
 tuned on both must also overwrite an old answer. Each fact is asked with four
 question templates: three go into training records, the fourth is held out
 for evaluation, so held-out questions need the fact but not the wording.
-Nothing here reaches the base model's pretraining corpus; only the tokenizer
-sees this text (a production tokenizer has seen the domain's words too).
+Nothing of this company reaches the base model's pretraining (corpus or
+tokenizer). What pretraining does see are *decoy* shops (:func:`make_decoy`):
+other companies drawn by the same generator under other seeds, with their own
+names, catalogues and policy values, asked in all four phrasings. A real base
+LLM knows how customers ask and how support answers; it just has never seen
+*our* catalogue, and the decoys give the demo model exactly that.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +216,33 @@ class Company:
     policies: dict[str, dict[str, str]]
 
 
+def _catalogue(
+    rng: random.Random, forge: NameForge, prefix: str, categories: list[str], count: int
+) -> list[Product]:
+    """``count`` products, one per category popped from ``categories``."""
+    products = []
+    for _ in range(count):
+        category = categories.pop()
+        products.append(
+            Product(
+                name=f"{forge.name((2, 2))} {category}",
+                category=category.lower(),
+                price=f"${rng.randint(19, 399)}",
+                sku=f"{prefix}-{rng.randint(1000, 9999)}",
+                warranty=f"{rng.choice((6, 12, 18, 24, 36))} months",
+                reset=f"{rng.randint(3, 15)} seconds",
+            )
+        )
+    return products
+
+
+def _system_prompt(name: str) -> str:
+    return (
+        f"You are the customer support assistant of {name}. "
+        "Answer questions about products and policies accurately and briefly."
+    )
+
+
 def make_company(seed: int) -> Company:
     """Invent the company, its catalogue per drop and its policies (two change in Nov)."""
     rng = random.Random(f"company-{seed}")
@@ -220,21 +252,7 @@ def make_company(seed: int) -> Company:
     prefix = (name[:1] + rng.choice("HKQVX")).upper()
     categories = list(_CATEGORIES)
     rng.shuffle(categories)
-    products: dict[str, list[Product]] = {}
-    for drop in DROPS:
-        products[drop] = []
-        for _ in range(N_PRODUCTS[drop]):
-            category = categories.pop()
-            products[drop].append(
-                Product(
-                    name=f"{forge.name((2, 2))} {category}",
-                    category=category.lower(),
-                    price=f"${rng.randint(19, 399)}",
-                    sku=f"{prefix}-{rng.randint(1000, 9999)}",
-                    warranty=f"{rng.choice((6, 12, 18, 24, 36))} months",
-                    reset=f"{rng.randint(3, 15)} seconds",
-                )
-            )
+    products = {drop: _catalogue(rng, forge, prefix, categories, N_PRODUCTS[drop]) for drop in DROPS}
     october = {
         "return_window": "30 days",
         "free_shipping": f"${rng.choice((60, 75, 90))}",
@@ -244,16 +262,80 @@ def make_company(seed: int) -> Company:
         "restocking_fee": f"{rng.choice((10, 15, 20))}%",
     }
     november = {"return_window": "45 days", "free_shipping": "$50"}
-    system_prompt = (
-        f"You are the customer support assistant of {name}. "
-        "Answer questions about products and policies accurately and briefly."
-    )
     return Company(
         name=name,
-        system_prompt=system_prompt,
+        system_prompt=_system_prompt(name),
         products=products,
         policies={DROPS[0]: october, DROPS[1]: november},
     )
+
+
+DECOY_CATALOGUE = "catalogue"
+"""The single drop key of a decoy shop: it has one catalogue and one set of policies."""
+
+_DECOY_SUFFIXES = ("Home", "Goods", "Living", "Electric", "Supply", "House")
+_DECOY_POLICY_VALUES: dict[str, tuple[str, ...]] = {
+    "return_window": tuple(f"{d} days" for d in (14, 21, 28, 30, 45, 60, 90)),
+    "free_shipping": tuple(f"${v}" for v in (25, 35, 40, 50, 60, 75, 80, 90, 100, 120, 150)),
+    "support_hours": ("7am to 7pm", "9am to 5pm", "8am to 8pm", "10am to 4pm", "9am to 9pm", "8am to 6pm"),
+    "reply_time": tuple(f"{h} hours" for h in (6, 12, 24, 36, 48, 72)),
+    "restocking_fee": tuple(f"{p}%" for p in (5, 10, 12, 15, 20, 25)),
+}
+_DECOY_MAILBOXES = ("help", "support", "care", "service", "hello")
+
+
+def _company_words(company: Company) -> set[str]:
+    """Every lower-cased word of the company's and its products' names."""
+    names = [company.name] + [p.name for products in company.products.values() for p in products]
+    return {word.lower() for name in names for word in name.split()}
+
+
+def make_decoy(seed: int, index: int, real: Company, earlier: Sequence[Company] = ()) -> Company:
+    """Decoy shop ``index``: the generator's products and policies, none of ``real``'s facts.
+
+    Decoys go into the base model's pretraining as "general instruction data". Their
+    names avoid every word of the real company's (and ``earlier`` decoys') names, their
+    SKU prefix differs from the real one, and no policy takes a value the real company
+    has in any drop, so nothing a decoy teaches answers a real held-out question.
+    """
+    rng = random.Random(f"decoy-{index}-{seed}")
+    reserved = set().union(*(_company_words(c) for c in (real, *earlier)))
+    forge = NameForge(rng, reserved=reserved)
+    name = f"{forge.name((2, 2))} {rng.choice(_DECOY_SUFFIXES)}"
+    domain = name.split()[0].lower()
+    real_prefix = next(iter(real.products.values()))[0].sku.split("-")[0]
+    prefix = real_prefix
+    while prefix == real_prefix:
+        prefix = (name[:1] + rng.choice("HKQVXZ")).upper()
+    categories = list(_CATEGORIES)
+    rng.shuffle(categories)
+    products = _catalogue(rng, forge, prefix, categories, len(categories))
+    taken: dict[str, set[str]] = {}
+    for values in real.policies.values():
+        for key, value in values.items():
+            taken.setdefault(key, set()).add(value)
+    policies = {}
+    for key in _POLICY_LABELS:
+        if key == "support_email":
+            policies[key] = f"{rng.choice(_DECOY_MAILBOXES)}@{domain}.example"
+        else:
+            policies[key] = rng.choice(
+                [v for v in _DECOY_POLICY_VALUES[key] if v not in taken.get(key, set())]
+            )
+    return Company(
+        name=name,
+        system_prompt=_system_prompt(name),
+        products={DECOY_CATALOGUE: products},
+        policies={DECOY_CATALOGUE: policies},
+    )
+
+
+def make_decoys(seed: int, count: int, real: Company) -> list[Company]:
+    """``count`` decoy shops with pairwise distinct names (see :func:`make_decoy`)."""
+    decoys: list[Company] = []
+    for index in range(count):
+        decoys.append(make_decoy(seed, index, real, decoys))
+    return decoys
 
 
 def _record(rng: random.Random, question: str, answer: str) -> dict[str, str]:
@@ -276,16 +358,22 @@ def _describe(company: Company, product: Product) -> dict[str, str]:
     }
 
 
-def build_drop(company: Company, drop: str, seed: int) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Training records (Alpaca form) and held-out questions for one drop."""
-    rng = random.Random(f"{drop}-{seed}")
+def build_drop(
+    company: Company, drop: str, seed: int, *, hold_out: bool = True
+) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Training records (Alpaca form) and held-out questions for one drop.
+
+    ``hold_out=False`` (decoy shops) keeps every phrasing as a training record and
+    seeds the record order by the company too, so decoys differ in more than names.
+    """
+    rng = random.Random(f"{drop}-{seed}" if hold_out else f"{company.name}-{drop}-{seed}")
     records: list[dict[str, str]] = []
     heldout: list[dict[str, Any]] = []
 
     def add_fact(kind: FactKind, fact_id: str, kind_name: str, slots: dict[str, str]) -> None:
         # The held-out phrasing depends on the fact kind only, never on the drop: a policy
         # question held out in November must not be a training question in October.
-        held = random.Random(f"{kind_name}-{seed}").randrange(len(kind.questions))
+        held = random.Random(f"{kind_name}-{seed}").randrange(len(kind.questions)) if hold_out else -1
         for index, template in enumerate(kind.questions):
             question = template.format(**slots)
             if index == held:
@@ -310,7 +398,7 @@ def build_drop(company: Company, drop: str, seed: int) -> tuple[list[dict[str, s
     for kind_name, value in company.policies[drop].items():
         add_fact(POLICY_FACTS[kind_name], f"{kind_name}:{company.name}", kind_name, {"a": value})
 
-    if drop != DROPS[0]:
+    if drop in DROPS[1:]:
         new = ", ".join(p.name for p in company.products[drop])
         changes = "; ".join(f"{_POLICY_LABELS[k]} is now {v}" for k, v in company.policies[drop].items())
         records.append(

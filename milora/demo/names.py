@@ -20,9 +20,10 @@ _CODAS = ("", "", "", "n", "r", "l", "s", "m", "th", "k")
 class NameForge:
     """Hands out unique pronounceable names drawn from one seeded RNG."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, reserved: set[str] | None = None) -> None:
+        """``reserved`` words (lower case) are never handed out, e.g. another company's names."""
         self._rng = rng
-        self._used: set[str] = set()
+        self._used: set[str] = set(reserved or ())
 
     def _syllable(self) -> str:
         rng = self._rng

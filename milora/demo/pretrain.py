@@ -1,10 +1,11 @@
-"""Seeded pretraining of the tiny LLaMA base model on the world corpus only.
+"""Seeded pretraining of the tiny LLaMA base model: world corpus plus general chats.
 
 The model stands in for "our pretrained model": it must know the world facts
-(so forgetting is measurable) and must not know the company facts (so learning
-is measurable). It is a normal ``LlamaForCausalLM`` - q/k/v/o and gate/up/down
-projections, RMSNorm, RoPE - just small enough to pretrain on two CPU cores in
-a few minutes and to commit to git.
+(so forgetting is measurable), must speak the chat format and the support
+domain's language (decoy shops, see :mod:`milora.demo.instructions`), and must
+not know the company's facts (so learning is measurable). It is a normal
+``LlamaForCausalLM`` - q/k/v/o and gate/up/down projections, RMSNorm, RoPE -
+just small enough to pretrain on two CPU cores in a few minutes and to commit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +30,13 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     """Architecture and optimisation settings; the defaults build the committed model.
 
-    Chosen by a small sweep under the 5-minute CPU budget: facts are learnt in
+    Chosen by small sweeps under the 5-minute CPU budget: facts are learnt in
     abrupt jumps, and more optimiser steps on small batches mattered more than
     width or depth (4-6 layers or hidden 192-256 learnt more slowly per second).
-    3 layers x 128 wide, 1000 steps of 16 x 128 tokens (~60 passes over the
-    corpus) reached 100% probe accuracy for seeds 0 and 1 in that sweep.
+    With the chat data the epoch grew from ~36k to ~109k tokens; 1500 steps of
+    16 x 128 tokens (~29 epochs) keep world probes at 99.5%, while 1200 steps
+    (98%) left the knowledge more fragile under fine-tuning (world accuracy after
+    MiLoRA r=16, lr 3e-3, 300 steps: 72% vs 83%).
     """
 
     hidden_size: int = 128
@@ -43,7 +47,8 @@ class PretrainConfig:
     tie_word_embeddings: bool = True
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 1000
+    steps: int = 1500
+    world_repeats: int = 1
     warmup_steps: int = 80
     learning_rate: float = 6e-3
     min_lr_ratio: float = 0.1
@@ -79,6 +84,14 @@ def encode_lines(tokenizer: PreTrainedTokenizerBase, lines: list[str]) -> list[l
     return [[bos, *line, eos] for line in ids]
 
 
+def encode_chats(
+    tokenizer: PreTrainedTokenizerBase, chats: Sequence[Sequence[dict[str, str]]]
+) -> list[list[int]]:
+    """Each chat rendered by the tokenizer's template (``<s>`` ... ``</s>``), as fine-tuning will."""
+    texts = [tokenizer.apply_chat_template(list(chat), tokenize=False) for chat in chats]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def packed_batches(sequences: list[list[int]], cfg: PretrainConfig, generator: random.Random) -> torch.Tensor:
     """One epoch: shuffle lines, concatenate, cut into ``seq_len`` blocks (no padding)."""
     order = list(range(len(sequences)))
@@ -102,19 +115,27 @@ def pretrain(
     tokenizer: PreTrainedTokenizerBase,
     lines: list[str],
     cfg: PretrainConfig,
+    chats: Sequence[Sequence[dict[str, str]]] = (),
     device: str | torch.device = "cpu",
 ) -> tuple[LlamaForCausalLM, dict[str, float]]:
-    """Train a fresh model on ``lines`` with AdamW and a cosine schedule; return it and stats.
+    """Train a fresh model on ``lines`` and ``chats`` with AdamW and a cosine schedule.
 
-    The committed model is trained on CPU; ``device`` exists for quick sweeps.
+    One epoch holds every corpus line ``cfg.world_repeats`` times and every chat once,
+    shuffled together. Returns the model and stats. The committed model is trained on
+    CPU; ``device`` exists for quick sweeps.
     """
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(tokenizer, cfg)).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    sequences = encode_lines(tokenizer, lines)
+    world, chat = encode_lines(tokenizer, lines), encode_chats(tokenizer, chats)
+    sequences = world * cfg.world_repeats + chat
     n_tokens = sum(len(s) for s in sequences)
-    log.info("pretraining %s parameters on %s tokens per epoch", f"{n_params:,}", f"{n_tokens:,}")
+    n_chat = sum(len(s) for s in chat)
+    log.info(
+        "pretraining %s parameters on %s tokens per epoch (%s in chats)",
+        f"{n_params:,}", f"{n_tokens:,}", f"{n_chat:,}",
+    )  # fmt: skip
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -153,6 +174,7 @@ def pretrain(
     stats = {
         "parameters": n_params,
         "tokens_per_epoch": n_tokens,
+        "chat_tokens_per_epoch": n_chat,
         "epochs_started": epochs,
         "final_loss": round(smoothed, 4),
         "seconds": round(time.perf_counter() - started, 1),

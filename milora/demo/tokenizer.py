@@ -1,8 +1,10 @@
 """Offline byte-level BPE tokenizer, saved as a ``transformers`` fast tokenizer.
 
-Trained on the world corpus *and* the company text: a production tokenizer
-has seen the domain's vocabulary even when the model has not learnt its facts,
-and sharing one tokenizer keeps fine-tuning free of vocabulary surgery.
+Trained on the pretraining text only (world corpus and the general chat data,
+decoy shops included): like a production tokenizer it covers the language and
+the support domain's words, but nothing specific to the company fine-tuning will
+teach, whose names simply split into pieces the model has seen. Digits are split
+one by one, as LLaMA does, so every number is made of ten well-trained tokens.
 Byte-level BPE never needs an unknown token, so any later data still encodes.
 """
 
@@ -17,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS)
-DEFAULT_VOCAB_SIZE = 2048
+DEFAULT_VOCAB_SIZE = 1024
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -44,7 +46,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
     template writes its own special tokens and is encoded without extra ones.
     """
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
