@@ -16,12 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import company_conversations
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
-from test_ingest import make_settings, write_jsonl
-from test_stages import TINY_PROFILE, suites
+from test_stages import stage_settings
 
 from milora.settings import Settings
 from tasks import register as reg
@@ -42,19 +40,11 @@ def trained(tmp_path_factory, chat_model_dir) -> Settings:
         env.delenv("MLFLOW_REGISTRY_URI", raising=False)
         root = tmp_path_factory.mktemp("registry-project")
         env.chdir(root)  # MLflow's default store is ./mlflow.db: never the repository's
-        write_jsonl(root / "drop.jsonl", [{"messages": m} for m in company_conversations(24)])
-        settings = make_settings(
+        settings = stage_settings(
             root,
-            {
-                "base_model": chat_model_dir,
-                "ingest.sources": ["drop.jsonl"],
-                "validate.max_tokens": 120,
-                "train.profile": "tiny",
-                "train.profiles": {"tiny": TINY_PROFILE},
-                "train.run_dir": "run",
+            chat_model_dir,
+            **{
                 "train.cache_dir": None,
-                "evaluate.suites": suites(root),
-                "evaluate.batch_size": 4,
                 "evaluate.cache_dir": None,
                 "registry.tracking_uri": "sqlite:///mlflow.db",  # relative: from the project root
                 "registry.artifact_location": "mlartifacts",

@@ -54,23 +54,28 @@ def suites(tmp_path: Path) -> dict:
     }
 
 
-@pytest.fixture
-def settings(tmp_path, chat_model_dir):
-    write_jsonl(tmp_path / "drop.jsonl", [{"messages": m} for m in company_conversations(24)])
+def stage_settings(root: Path, base_model: str, **overrides):
+    """Settings for a tiny project in ``root``: one chat drop, the tiny profile, small suites."""
+    write_jsonl(root / "drop.jsonl", [{"messages": m} for m in company_conversations(24)])
     return make_settings(
-        tmp_path,
+        root,
         {
-            "base_model": chat_model_dir,
+            "base_model": base_model,
             "ingest.sources": ["drop.jsonl"],
             "validate.max_tokens": 120,
             "train.profile": "tiny",
             "train.profiles": {"tiny": TINY_PROFILE},
             "train.run_dir": "run",
-            "train.cache_dir": "svd-cache",
-            "evaluate.suites": suites(tmp_path),
+            "evaluate.suites": suites(root),
             "evaluate.batch_size": 4,
+            **overrides,
         },
     )
+
+
+@pytest.fixture
+def settings(tmp_path, chat_model_dir):
+    return stage_settings(tmp_path, chat_model_dir, **{"train.cache_dir": "svd-cache"})
 
 
 def test_train_then_evaluate_on_the_validated_dataset(settings, tmp_path, monkeypatch):
