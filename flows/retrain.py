@@ -1,9 +1,10 @@
 """The retraining flow: new company data in, a validated, trained, evaluated and gated model out.
 
-    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> register -> promote -> report
+    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> (push) -> register -> promote -> report
 
 Data and model steps are the DVC stages of ``dvc.yaml`` (one copy of each stage's code; DVC
-skips what did not change and versions every output); the registry steps talk to MLflow.
+skips what did not change and versions every output, pushed to the DVC remote before
+anything is registered); the registry steps talk to MLflow.
 With unchanged data and parameters every stage is skipped, nothing new is registered and
 the run says so. A scheduled run (``skip_if_no_new_data``) first compares the company files
 with the ones the champion was trained on and stops early with "no new data".
@@ -30,11 +31,23 @@ for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milo
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from milora.settings import DEFAULT_PARAMS, load_settings  # noqa: E402
+from milora.settings import DEFAULT_PARAMS, Settings, load_settings  # noqa: E402
+from tasks.html_report import html_report_task  # noqa: E402
 from tasks.lineage import lineage_task, raw_data_hash  # noqa: E402
 from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
 from tasks.report import report_task  # noqa: E402
-from tasks.reproduce import reproduce_task  # noqa: E402
+from tasks.reproduce import push_task, reproduce_task  # noqa: E402
+
+
+def _report(settings: Settings, status: str, **facts: Any) -> dict[str, Any]:
+    """Record the run (artifacts, JSON), then draw its HTML page and refresh the index. A
+    page that cannot be drawn is logged, never allowed to change the run's outcome."""
+    record = report_task(settings, status=status, **facts)
+    try:
+        record["html"] = str(html_report_task(settings, record["record"]))
+    except Exception:
+        get_run_logger().exception("HTML report of %s not written", record["record"])
+    return record
 
 
 @flow(name="retrain", log_prints=True)
@@ -54,7 +67,7 @@ def retrain(
         current = raw_data_hash(settings)
         if champion and champion.get("raw_data_hash") == current:
             log.info("no new data since champion v%s (raw data %s)", champion.get("version"), current[:12])
-            return report_task(
+            return _report(
                 settings, status="no new data", champion=champion, seconds=time.perf_counter() - started
             )
 
@@ -66,13 +79,14 @@ def retrain(
         log.info("dataset version %s from raw data %s", data["data_version"][:12], data["raw_data_hash"][:12])
         for stage in ("init", "train", "evaluate"):
             stages[stage] = reproduce_task(stage, root, force=force).ran
+        push_task(root)  # before registering: a version's data and adapter are on the remote
         model = lineage_task(settings)
         registration = register_task(settings, model)
         decision = promote_task(settings, registration["version"]) if registration["new"] else None
     except Exception as error:
         # The failed run is recorded with its reason (registry and champion untouched: the
         # registry steps come last and register only after everything is logged).
-        report_task(
+        _report(
             settings, status="failed", error=str(error), stages=stages, seconds=time.perf_counter() - started
         )
         raise
@@ -84,7 +98,7 @@ def retrain(
             "unchanged data, parameters and code: nothing retrained, version %s already registered",
             registration["version"],
         )
-    return report_task(
+    return _report(
         settings,
         status=status,
         stages=stages,
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("decision"):
         print("gate: " + "; ".join(result["decision"].get("reasons") or []))
     print(result["summary"])
+    if result.get("html"):
+        print(f"report: {result['html']}")
     return 0
 
 

@@ -27,6 +27,7 @@ logger = logging.getLogger("tasks")
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 5
 TEMPFAIL = 75  # exit status of a stage command that hit an I/O error (sysexits EX_TEMPFAIL): retried
+LOCK_FILE = "dvc.lock"  # DVC's record of every stage's deps, params and output hashes
 
 
 def stage_task(

@@ -22,10 +22,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from milora.settings import Settings
+from tasks import LOCK_FILE
 
 logger = logging.getLogger(__name__)
-
-LOCK_FILE = "dvc.lock"
 
 
 def raw_data_hash(settings: Settings) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import TEMPFAIL, parse_overrides, run_command, stage_task
+from tasks import LOCK_FILE, TEMPFAIL, parse_overrides, run_command, stage_task
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,6 +52,7 @@ DECISION_TAG = "gate.decision"
 REASONS_TAG = "gate.reasons"
 LINEAGE_KEYS = ("data_version", "adapter_version", "git_commit", "params_hash", "raw_data_hash")
 IDENTITY_KEYS = ("data_version", "params_hash", "adapter_version", "git_commit")  # same = same model
+LINEAGE_ARTIFACTS = "lineage"  # run artifact folder: dvc.lock and params.yaml of the run
 SERVED = "adapter_for_stock_base"  # plain LoRA for the unmodified base: what is registered
 RAW = "adapter"  # the MiLoRA adapter (needs the residual base): logged, never registered
 # The only files of an adapter folder that are logged: PEFT's adapter, the initial factors
@@ -170,15 +171,21 @@ def _prepare(uri: str, experiment: str, artifact_location: str | None) -> None:
         )
 
 
-def tracking_uri(settings: Settings) -> str:
-    """The tracking/registry URI, with the store migrated and the experiment created.
+def configured_uri(settings: Settings) -> str:
+    """The tracking/registry URI as configured, touching nothing.
 
     ``MLFLOW_TRACKING_URI`` wins (a shared server); otherwise ``registry.tracking_uri`` with a
     relative SQLite file taken from the project root, so every stage and the flow (whatever
     their working directory) use one database."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or _absolute_uri(
+    return os.environ.get("MLFLOW_TRACKING_URI") or _absolute_uri(
         settings.registry.tracking_uri, settings.root.resolve()
     )
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The tracking/registry URI (:func:`configured_uri`), with the store migrated and the
+    experiment created."""
+    uri = configured_uri(settings)
     key = (uri, settings.registry.experiment)
     if key not in _READY:
         _prepare(uri, settings.registry.experiment, _artifact_location(settings, uri))
@@ -278,6 +285,8 @@ def _inputs(settings: Settings) -> dict[str, Path]:
         "eval_dir": eval_dir,
         "reports": reports,
         "dataset": settings.path(settings.validation.dataset_dir),
+        "lock": settings.root / LOCK_FILE,
+        "dvc_params": settings.root / "params.yaml",
     }
 
 
@@ -409,6 +418,11 @@ def _log_artifacts(client: MlflowClient, run_id: str, paths: dict[str, Path]) ->
     docs = reports / "gx" / "data_docs"
     if docs.is_dir():
         client.log_artifacts(run_id, str(docs), "validation/data_docs")
+    # What `python -m tasks.rebuild` needs besides the commit: the stage hashes DVC recorded
+    # (dvc.lock, not committed by the flow) and the parameters file DVC read.
+    for key in ("lock", "dvc_params"):
+        if paths[key].is_file():
+            client.log_artifact(run_id, str(paths[key]), LINEAGE_ARTIFACTS)
     for folder in (paths["raw"], paths["served"]):
         for path in _adapter_files(folder):
             parent = path.parent.relative_to(folder)
@@ -697,6 +711,18 @@ def rollback(settings: Settings) -> dict[str, Any]:
     client.set_registered_model_alias(name, CHAMPION, str(restored.version))
     logger.warning("%s: champion rolled back from version %s to %s", name, demoted, restored.version)
     return {"champion": str(restored.version), "previous": demoted, "rolled_back": demoted}
+
+
+def model_version(settings: Settings, ref: str) -> ModelVersion:
+    """A version of the registered model by number (``3``) or alias (``champion``)."""
+    client = _client(tracking_uri(settings))
+    name = settings.registry.model_name
+    if ref.isdigit():
+        return _version(client, name, ref)
+    found = _alias(client, name, ref)
+    if found is None:
+        raise RegistryError(f"{name} has no version with alias {ref!r}")
+    return found
 
 
 def champion_lineage(settings: Settings) -> dict[str, str] | None:

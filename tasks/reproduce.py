@@ -98,4 +98,21 @@ def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = F
     return StageRun(stage, ran, seconds, output)
 
 
+def push(root: str | os.PathLike[str] = ".") -> int:
+    """Send every output in ``dvc.lock`` to the default DVC remote, so a registered version can
+    be rebuilt on another machine (``python -m tasks.rebuild``); returns how many files went.
+    Without a remote configured there is nothing to send to: logged, not an error."""
+    from dvc.repo import Repo
+
+    with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
+        remote = repo.config["core"].get("remote")
+        if not remote:
+            logger.warning("no default DVC remote (dvc remote add -d ...): outputs stay in the local cache")
+            return 0
+        pushed = repo.push()
+    logger.info("pushed %d file(s) to DVC remote %r", pushed, remote)
+    return pushed
+
+
 reproduce_task = stage_task(reproduce, "dvc-stage", task_run_name="{stage}")
+push_task = stage_task(push, "dvc-push")

@@ -2,7 +2,9 @@
 
 A sandbox project (git + DVC repository with this project's dvc.yaml and stage code, a tiny
 base model and tiny company drops) is retrained several times: first run, no-op rerun,
-"no new data" skip, and a bad drop that must leave the registry untouched. (The gate's
+"no new data" skip, and a bad drop that must leave the registry untouched. Between them the
+champion is rebuilt from its registry tags (pulled from the DVC remote, and recomputed by
+``dvc repro`` on a clean clone), and a ``dvc exp run`` experiment is compared by ``dvc exp show``. (The gate's
 pass, fail and rollback run on a real registry in test_register.py; a full run on a worker
 of a real Prefect server in test_deployment.py.)
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,10 +28,12 @@ from test_stages import TINY_PROFILE
 
 from flows.retrain import retrain
 from milora.settings import load_settings
+from tasks.rebuild import rebuild
 from tasks.register import tracking_uri
+from tasks.reproduce import stage_env
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", ".dvcignore", ".dvc/config", "tasks", "milora", "gx"]
+COPIED = ["dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "tasks", "milora", "gx"]
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +140,80 @@ def test_retrain_flow_end_to_end(project, harness):
     # A scheduled run with no new data since the champion stops before any stage.
     skipped = retrain(params, skip_if_no_new_data=True)
     assert skipped["status"] == "no new data"
+    assert Path(first["html"]).is_file() and Path(skipped["html"]).is_file()  # a page per run
 
+
+def adapter_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(run_dir)): path.read_bytes()
+        for path in sorted(run_dir.rglob("*.safetensors"))
+        if "checkpoint" not in path.parts[-2]
+    }
+
+
+def dvc(root: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_rebuild_registered_version_from_the_dvc_remote(project, tmp_path):
+    """The champion back from its tags: its commit, and its dvc.lock pulled from the remote."""
+    settings = load_settings(project / "params.yaml")
+    result = rebuild(settings, "champion", tmp_path / "rebuilt")
+    assert result["matches"] == {"data_version": True, "adapter_version": True, "adapter_weights": True}
+    original = adapter_bytes(project / "outputs" / "train")
+    assert original and adapter_bytes(Path(result["adapter"])) == original
+
+
+def test_dvc_repro_on_a_clean_checkout_and_experiments(project, tmp_path):
+    """`dvc repro` on a clean clone recomputes the registered adapter and metrics; `dvc exp run
+    -S train.method=lora` is an experiment that `dvc exp show` puts beside the baseline."""
+    settings = load_settings(project / "params.yaml")
+    clone = tmp_path / "clone"
+    result = rebuild(settings, "champion", clone, recompute=True)
+    assert result["matches"] == {"data_version": True, "adapter_weights": True}, result
+    metrics = json.loads((project / "outputs" / "eval" / "metrics.json").read_text())
+    assert json.loads((clone / "outputs" / "eval" / "metrics.json").read_text()) == metrics
+    assert "Data and pipelines are up to date" in dvc(clone, "repro")
+    shown = json.loads(dvc(clone, "metrics", "show", "--json"))
+    workspace = shown[""]["data"]["outputs/eval/metrics.json"]["data"]
+    assert workspace["company"]["score"] == metrics["company"]["score"]
+
+    git(clone, "add", "dvc.lock", "params.yaml")
+    git(clone, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "milora baseline")
+    ran = dvc(clone, "exp", "run", "-S", "train.method=lora", "--name", "lora-r4")
+    assert "Stage 'ingest' didn't change" in ran and "Running stage 'train'" in ran
+    table = json.loads(dvc(clone, "exp", "show", "--json"))
+    rows = {}
+    for commit in table:
+        for exp in [commit, *[e for run in commit.get("experiments") or [] for e in run["revs"]]]:
+            data = exp["data"]
+            rows[exp.get("name") or data["rev"]] = (
+                data["params"]["params.yaml"]["data"]["train"]["method"],
+                data["metrics"]["outputs/eval/metrics.json"]["data"]["company"]["score"],
+            )
+    assert rows["lora-r4"][0] == "lora" and rows["workspace"][0] == "lora"
+    baseline = [row for name, row in rows.items() if name not in ("lora-r4", "workspace")]
+    assert baseline == [("milora", metrics["company"]["score"])], rows
+
+
+def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):
+    params = str(project / "params.yaml")
+    client, name = registry(project)
+    champion = client.get_model_version_by_alias(name, "champion").version
     # A bad drop fails validation: the run fails with the rule, the registry stays as it was.
     write_jsonl(project / "company" / "drop_02" / "train.jsonl", [{"instruction": "Hi", "output": ""}] * 5)
     with pytest.raises(Exception, match="validate"):
         retrain(params)
     assert len(client.search_model_versions(f"name='{name}'")) == 1
-    assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
+    assert client.get_model_version_by_alias(name, "champion").version == champion
     records = sorted((project / "outputs" / "runs").glob("*.json"))
     assert json.loads(records[-1].read_text())["status"] == "failed"
+    # Every run has its HTML page, the failed one too, listed in the index with its reason.
+    reports = project / "outputs" / "reports"
+    assert sorted(p.stem for p in (reports / "runs").glob("*.html")) == [p.stem for p in records]
+    index = (reports / "index.html").read_text()
+    assert index.count('class="status bad"') == 1 and "validate" in index

@@ -1,0 +1,205 @@
+"""Command "rebuild": a registered model version back from its recorded commit, data and params.
+
+``python -m tasks.rebuild VERSION|champion --into DIR [--recompute]``
+
+A version's tags name the git commit it was trained from, and its MLflow run holds the
+``dvc.lock`` and ``params.yaml`` DVC ran with (``register`` logs them under ``lineage/``).
+Rebuilding clones the commit into a new folder, puts those two files in place, and then
+either pulls the very outputs from the DVC remote (the default: the dataset and adapter
+byte for byte) or recomputes them with ``dvc repro`` (``--recompute``: the whole pipeline
+again from the raw data, for an audit). Either way it ends by checking the result against
+the registry: the dataset's DVC hash against the version's ``data_version`` tag, the adapter
+weights byte for byte against the adapters logged with the version's run, and (pulled only:
+a recomputed run folder holds new timings) the run folder's hash against ``adapter_version``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from milora.settings import DEFAULT_PARAMS, Settings, load_settings
+from tasks import LOCK_FILE, parse_overrides, run_command
+
+logger = logging.getLogger(__name__)
+
+
+class RebuildError(RuntimeError):
+    """A version that cannot be rebuilt as asked (the message says what is missing)."""
+
+
+def _git(*args: str, cwd: Path | None = None) -> None:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RebuildError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+def _lineage_files(settings: Settings, run_id: str, into: Path) -> None:
+    """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``."""
+    from mlflow.artifacts import download_artifacts
+
+    from tasks.register import LINEAGE_ARTIFACTS, tracking_uri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(
+                download_artifacts(
+                    run_id=run_id,
+                    artifact_path=LINEAGE_ARTIFACTS,
+                    dst_path=tmp,
+                    tracking_uri=tracking_uri(settings),
+                )
+            )
+        except Exception as error:  # MLflow raises its own error types for a missing folder
+            raise RebuildError(
+                f"run {run_id} has no {LINEAGE_ARTIFACTS}/ artifacts (dvc.lock, params.yaml): it was "
+                f"registered before they were logged, so only `git checkout` + `dvc repro` by hand remain ({error})"
+            ) from None
+        for name in (LOCK_FILE, "params.yaml"):
+            if not (folder / name).is_file():
+                raise RebuildError(f"run {run_id} lacks {LINEAGE_ARTIFACTS}/{name}")
+            shutil.copy(folder / name, into / name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_weights(settings: Settings, run_id: str, run_dir: Path) -> bool:
+    """Whether every adapter weights file logged with the run is byte-identical in ``run_dir``."""
+    from mlflow.artifacts import download_artifacts
+
+    from tasks.register import RAW, SERVED, tracking_uri
+
+    with tempfile.TemporaryDirectory() as tmp:
+        compared = 0
+        for folder in (RAW, SERVED):
+            logged = Path(
+                download_artifacts(
+                    run_id=run_id, artifact_path=folder, dst_path=tmp, tracking_uri=tracking_uri(settings)
+                )
+            )
+            for path in sorted(logged.rglob("*.safetensors")):
+                rebuilt = run_dir / folder / path.relative_to(logged)
+                if not rebuilt.is_file() or _sha256(rebuilt) != _sha256(path):
+                    logger.warning("%s differs from the registered %s", rebuilt, path.relative_to(tmp))
+                    return False
+                compared += 1
+    return compared > 0
+
+
+def _use_source_remote(source: Path, into: Path) -> None:
+    """The clone pulls from the project's DVC remote: a relative local remote (the default
+    ``../.dvc-remote``) would otherwise point inside the clone."""
+    from dvc.repo import Repo
+
+    with Repo(str(source)) as repo:
+        name = repo.config["core"].get("remote")
+        url = repo.config["remote"].get(name, {}).get("url") if name else None
+    if not url:
+        return
+    with Repo(str(into)) as repo, repo.config.edit("local") as local:
+        local["core"]["remote"] = name
+        local["remote"][name] = {"url": url}
+
+
+def rebuild(
+    settings: Settings, ref: str, into: str | os.PathLike[str], *, recompute: bool = False
+) -> dict[str, Any]:
+    """Rebuild version ``ref`` (a number or an alias) of the registered model into ``into``."""
+    from dvc.repo import Repo
+
+    from tasks.lineage import locked_hashes
+    from tasks.register import model_version
+    from tasks.reproduce import stage_env
+
+    into = Path(into).resolve()
+    if into.exists() and any(into.iterdir()):
+        raise RebuildError(f"{into} is not empty: rebuild into a new folder")
+    version = model_version(settings, ref)
+    tags = version.tags
+    commit = tags.get("git_commit", "")
+    if not commit or commit == "unknown":
+        raise RebuildError(f"version {version.version} records no git commit: it cannot be rebuilt")
+    if commit.endswith("-dirty"):
+        logger.warning(
+            "version %s was trained from uncommitted changes on top of %s: code may differ",
+            version.version,
+            commit.removesuffix("-dirty"),
+        )
+        commit = commit.removesuffix("-dirty")
+
+    _git("clone", "--quiet", "--no-checkout", str(settings.root), str(into))
+    _git("checkout", "--quiet", "--detach", commit, cwd=into)
+    _lineage_files(settings, version.run_id, into)
+    _use_source_remote(settings.root, into)
+    if recompute:
+        logger.info("recomputing version %s with dvc repro in %s", version.version, into)
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro"], cwd=into, env=stage_env(), capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
+            raise RebuildError(f"dvc repro in {into} failed:\n{tail}")
+    else:
+        logger.info("pulling version %s's outputs from the DVC remote into %s", version.version, into)
+        with contextlib.chdir(into), Repo(".") as repo:
+            repo.pull()
+    rebuilt = locked_hashes(into)
+    run_dir, dataset_dir = settings.train.run_dir, settings.validation.dataset_dir
+    found = {"data_version": rebuilt.get(dataset_dir, ""), "adapter_version": rebuilt.get(run_dir, "")}
+    checked = ["data_version"] if recompute else ["data_version", "adapter_version"]
+    matches = {key: found[key] == tags.get(key) for key in checked}
+    for key in checked:
+        level = logging.INFO if matches[key] else logging.WARNING
+        logger.log(level, "%s: recorded %s, rebuilt %s", key, tags.get(key), found[key])
+    matches["adapter_weights"] = _same_weights(settings, version.run_id, into / run_dir)
+    return {
+        "version": str(version.version),
+        "commit": commit,
+        "into": str(into),
+        "adapter": str(into / run_dir),
+        "recomputed": recompute,
+        "rebuilt": found,
+        "matches": matches,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tasks.register import RegistryError
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.rebuild", description=__doc__.splitlines()[0])
+    parser.add_argument("version", help="version number or alias (champion, challenger)")
+    parser.add_argument("--into", required=True, help="a new folder for the rebuilt project")
+    parser.add_argument("--recompute", action="store_true", help="dvc repro instead of dvc pull")
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.params, parse_overrides(args.set, parser))
+    try:
+        result = rebuild(settings, args.version, args.into, recompute=args.recompute)
+    except (RebuildError, RegistryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    how = "recomputed" if result["recomputed"] else "pulled"
+    print(f"version {result['version']} (commit {result['commit'][:12]}) {how} into {result['into']}")
+    print(f"adapter: {result['adapter']}")
+    for key, same in result["matches"].items():
+        print(
+            f"{key}: {result['rebuilt'][key]} ({'matches the registry' if same else 'DIFFERS from the registry'})"
+        )
+    return 0 if all(result["matches"].values()) else 1
+
+
+if __name__ == "__main__":
+    run_command(main)
