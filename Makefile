@@ -67,7 +67,41 @@ method-demo: $(STAMP) $(DEMO_BASE)/config.json
 deploy: $(STAMP)
 	MILORA_PROJECT_DIR="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
-test: $(STAMP)
+# Monitoring. Ports of `make ui` (both on 127.0.0.1 only).
+PREFECT_UI_PORT ?= 4200
+MLFLOW_UI_PORT ?= 5000
+.PHONY: report ui alerts
+
+# The HTML report: a page per retrain run (outputs/runs/*.json) and the index, with the
+# registry's history; prints the index path. REPORT_ARGS=--rebuild redraws every page.
+report: $(STAMP)
+	$(BIN)/python -m tasks.html_report $(REPORT_ARGS)
+
+# Prefect UI (this project's PREFECT_HOME: runs of `make run` show up) and MLflow UI (the
+# project's SQLite store and artifacts), each in its own process group; Ctrl-C stops both.
+ui: $(STAMP)
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_UI_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_UI_PORT)   (Ctrl-C stops both)"
+	setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT) & prefect=$$!; \
+	setsid $(BIN)/mlflow server --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+	  --artifacts-destination "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(MLFLOW_UI_PORT) --workers 1 & mlflow=$$!; \
+	trap 'kill -TERM -- -$$prefect -$$mlflow 2>/dev/null || true' EXIT INT TERM; \
+	wait -n $$prefect $$mlflow
+
+# Failure alerts (automations.yaml) on the Prefect server of `make ui` (or PREFECT_API_URL);
+# MILORA_ALERT_WEBHOOK_URL is where they go (Slack/Teams incoming webhook, any HTTP endpoint).
+alerts: $(STAMP)
+	PREFECT_API_URL="$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_UI_PORT)/api}" $(BIN)/python -m tasks.alerts
+
+# The HTML report's browser test drives Debian's Chromium (installed here when missing;
+# apt-get as root, else through sudo when there is one).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "no apt-get: install Chromium for the browser test"; exit 0; }; \
+	sudo=$$([ "$$(id -u)" = 0 ] || command -v sudo || true); \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+test: $(STAMP) | $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
