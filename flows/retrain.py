@@ -10,7 +10,10 @@ the run says so. A scheduled run (``skip_if_no_new_data``) first compares the co
 with the ones the champion was trained on and stops early with "no new data".
 
 Run it: ``python -m flows.retrain`` (Prefect without a server: a temporary local API), or
-as the ``retrain`` deployment of ``prefect.yaml`` on a work pool.
+as the ``retrain`` deployment of ``prefect.yaml`` on a work pool. The command first asks DVC
+and the registry whether anything changed; when nothing did it says so and records the
+run without starting Prefect's temporary server, whose start-up alone would be most of a
+no-op run (``--always-run-flow`` runs the flow anyway).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milo
 from prefect import flow, get_run_logger  # noqa: E402
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings  # noqa: E402
-from tasks.html_report import html_report_task  # noqa: E402
-from tasks.lineage import lineage_task, raw_data_hash  # noqa: E402
+from tasks.html_report import html_report, html_report_task  # noqa: E402
+from tasks.lineage import lineage_task, raw_data_hash, unchanged_version  # noqa: E402
 from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
-from tasks.report import report_task  # noqa: E402
+from tasks.report import report, report_task  # noqa: E402
 from tasks.reproduce import push_task, reproduce_task  # noqa: E402
 
 
@@ -116,8 +119,32 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-if-no-new-data", action="store_true", help="stop early when the data is the champion's"
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage even if unchanged")
+    parser.add_argument(
+        "--always-run-flow",
+        action="store_true",
+        help="start the Prefect flow even when nothing changed (by default that case is answered "
+        "from DVC and the registry, without the seconds Prefect's temporary server takes to start)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MILORA_LOG_LEVEL", "INFO"))
+    if not (args.force or args.always_run_flow or args.skip_if_no_new_data):
+        started = time.perf_counter()
+        settings = load_settings(args.params)
+        version = unchanged_version(settings)
+        if version is not None:
+            record = report(
+                settings,
+                status="nothing new",
+                registration={"version": version, "new": False},
+                checked_without_flow=True,
+                seconds=time.perf_counter() - started,
+            )
+            print(
+                "unchanged data, parameters and code (every DVC stage as in dvc.lock): nothing "
+                f"retrained, version {version} already registered\n{record['summary']}"
+            )
+            print(f"report: {html_report(settings, record['record'])}")
+            return 0
     result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force)
     settings = load_settings(args.params)
     table = settings.path(settings.evaluation.out_dir) / "summary.md"

@@ -89,4 +89,16 @@ def lineage(settings: Settings) -> dict[str, Any]:
     }
 
 
+def unchanged_version(settings: Settings) -> str | None:
+    """The registered version this project would rebuild as it stands (every DVC stage
+    unchanged since ``dvc.lock``, the same data, params, adapter and commit registered), or
+    None: then there is work for the flow."""
+    from tasks.register import registered_version
+    from tasks.reproduce import pipeline_changed
+
+    if not (settings.root / LOCK_FILE).is_file() or pipeline_changed(settings.root):
+        return None
+    return registered_version(settings, lineage(settings))
+
+
 lineage_task = task(name="prepare", cache_policy=NO_CACHE)(lineage)

@@ -438,6 +438,14 @@ def _find_version(client: MlflowClient, name: str, lineage: Mapping[str, str]) -
     return max(same, key=lambda v: int(v.version)) if same else None
 
 
+def registered_version(settings: Settings, lineage: Mapping[str, Any]) -> str | None:
+    """The version already holding the model ``lineage`` describes, if any."""
+    if any(not lineage.get(key) for key in IDENTITY_KEYS):
+        return None
+    found = _find_version(_client(tracking_uri(settings)), settings.registry.model_name, lineage)
+    return str(found.version) if found is not None else None
+
+
 def _eval_metrics_of_run(client: MlflowClient, run_id: str | None) -> dict[str, float]:
     if not run_id:
         return {}

@@ -70,6 +70,14 @@ def changed(stage: str, root: str | os.PathLike[str] = ".") -> bool:
         return bool(repo.status(targets=[stage]))
 
 
+def pipeline_changed(root: str | os.PathLike[str] = ".") -> bool:
+    """Whether ``dvc status`` finds anything of any stage changed (one in-process call)."""
+    from dvc.repo import Repo
+
+    with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
+        return bool(repo.status())
+
+
 def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
     """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed."""
     if stage not in STAGES:

@@ -26,6 +26,7 @@ from prefect.testing.utilities import prefect_test_harness
 from test_ingest import write_jsonl
 from test_stages import TINY_PROFILE
 
+from flows.retrain import main as retrain_main
 from flows.retrain import retrain
 from milora.settings import load_settings
 from tasks.rebuild import rebuild
@@ -112,7 +113,7 @@ def registry(root: Path) -> tuple[MlflowClient, str]:
     return MlflowClient(tracking_uri(settings)), settings.registry.model_name
 
 
-def test_retrain_flow_end_to_end(project, harness):
+def test_retrain_flow_end_to_end(project, harness, capsys):
     params = str(project / "params.yaml")
     started = time.perf_counter()
     first = retrain(params)
@@ -136,6 +137,13 @@ def test_retrain_flow_end_to_end(project, harness):
     assert again["status"] == "nothing new" and not any(again["stages"].values())
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert again_seconds < first_seconds
+
+    # The command answers that case from DVC and the registry without starting a flow run.
+    assert retrain_main(["--params", params]) == 0
+    assert "nothing new" in capsys.readouterr().out
+    record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
+    assert record["checked_without_flow"] and "flow_run" not in record
+    assert record["registration"]["version"] == str(versions[0].version)
 
     # A scheduled run with no new data since the champion stops before any stage.
     skipped = retrain(params, skip_if_no_new_data=True)
