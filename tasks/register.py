@@ -8,7 +8,10 @@ adapters, the input dataset with its DVC hash, lineage tags), and only then regi
 served adapter as a new version of ``registry.model_name`` with alias ``challenger``. The
 served adapter is the plain-LoRA ``adapter_for_stock_base`` (rank 2r): it belongs to the
 *unmodified* base model, whereas the raw MiLoRA adapter needs the residual base and would be
-the wrong model on the original one. Re-registering the same data, parameters, adapter and
+the wrong model on the original one. The version is a loadable MLflow model: a "models from
+code" pyfunc (``tasks/serving_model.py``, nothing pickled) logged in the same run, holding
+that adapter and the absolute path of its base, so ``mlflow.pyfunc.load_model(
+"models:/<name>@champion")`` serves it. Re-registering the same data, parameters, adapter and
 commit registers nothing (``new: False``).
 
 ``promote`` is the gate: the challenger replaces the ``champion`` alias only if it is at least
@@ -26,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +64,27 @@ RAW = "adapter"  # the MiLoRA adapter (needs the residual base): logged, never r
 # residual model, tokenizer) is left out, so no base weights ever reach the artifact store.
 ADAPTER_FILES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "milora.json", "README.md"}
+)
+SERVING_CODE = Path(__file__).with_name("serving_model.py")  # the pyfunc model, logged as code
+SERVING_MODEL = "served_model"  # name of the LoggedModel a version is registered from
+SERVING_ADAPTER = "adapter"  # its artifact key for the adapter (ADAPTER_ARTIFACT in serving_model.py)
+SERVING_MAX_NEW_TOKENS = 128  # default answer length of the registered model (a predict param)
+# What loading the registered model imports (the milora package itself is logged as code).
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "pandas",
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "accelerate",
+    "tokenizers",
+    "scipy",
+    "numpy",
+    "threadpoolctl",
+    "xxhash",
+    "pyyaml",
+    "tqdm",
 )
 TRAIN_PREFIX = "train/"  # per-step training metrics; evaluation metrics are <suite>.<metric>
 LOWER_IS_BETTER = frozenset({"perplexity"})  # as milora.evaluation.suites (not imported: torch)
@@ -430,6 +455,101 @@ def _log_artifacts(client: MlflowClient, run_id: str, paths: dict[str, Path]) ->
             client.log_artifact(run_id, str(path), target)
 
 
+def _serving_requirements() -> list[str]:
+    """``SERVING_REQUIREMENTS`` pinned to the installed versions, so MLflow infers nothing
+    (its inference would load and run the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for package in SERVING_REQUIREMENTS:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+def _log_served_model(
+    client: MlflowClient, run_id: str, experiment_id: str, settings: Settings, served: Path, base_model: str
+) -> tuple[str, str]:
+    """Log the served adapter as a loadable pyfunc model (models from code) of run ``run_id``;
+    returns its model id and artifact location.
+
+    This is what ``mlflow.pyfunc.log_model`` does, through this client: ``log_model`` would
+    use the process-wide tracking URI and active run, and log ``model_config`` as run params.
+    Nothing is loaded or run: the signature is given, there is no input example, and the
+    requirements are pinned by hand."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model, ModelSignature
+    from mlflow.pyfunc import save_model
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    import milora
+
+    base = settings.path(base_model).resolve()
+    if not (base / "config.json").is_file():
+        logger.warning("%s: no base model here; the registered model will not load until it exists", base)
+    logged = client.create_logged_model(experiment_id, name=SERVING_MODEL, source_run_id=run_id)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="milora-served-") as scratch:
+            adapter = Path(scratch) / SERVED
+            for path in _adapter_files(served):
+                target = adapter / path.relative_to(served)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            signature = ModelSignature(
+                inputs=Schema([ColSpec("string", "prompt")]),
+                outputs=Schema([ColSpec("string")]),
+                params=ParamSchema([ParamSpec("max_new_tokens", "long", SERVING_MAX_NEW_TOKENS)]),
+            )
+            with warnings.catch_warnings():  # deliberately none: an example would run the model
+                warnings.filterwarnings("ignore", ".*input example was not provided", UserWarning)
+                save_model(
+                    path=str(Path(scratch) / "model"),
+                    python_model=str(SERVING_CODE),
+                    artifacts={SERVING_ADAPTER: str(adapter)},
+                    model_config={
+                        "base_model": str(base),
+                        "max_new_tokens": SERVING_MAX_NEW_TOKENS,
+                        "batch_size": settings.evaluation.batch_size,
+                        "dtype": "float32",
+                        "device": None,
+                    },
+                    code_paths=[str(Path(milora.__file__).parent)],
+                    pip_requirements=_serving_requirements(),
+                    signature=signature,
+                    mlflow_model=Model(
+                        artifact_path=logged.artifact_location,
+                        model_uuid=logged.model_id,
+                        run_id=run_id,
+                        model_id=logged.model_id,
+                    ),
+                )
+            client.log_model_artifacts(logged.model_id, str(Path(scratch) / "model"))
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    logger.info("logged the served model %s (base %s) in run %s", logged.model_id, base, run_id)
+    return logged.model_id, logged.artifact_location
+
+
+def _link_model_version(client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    """Record the version on its logged model (the ``mlflow.modelVersions`` tag the UI follows).
+
+    A tracking server does this itself when a version is created; a local store does not (it
+    keeps no model id on the version), so it is added here unless already there."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    linked = json.loads(existing) if existing else []
+    entry = {"name": name, "version": version}
+    if not any(str(e.get("name")) == name and str(e.get("version")) == version for e in linked):
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
 def _find_version(client: MlflowClient, name: str, lineage: Mapping[str, str]) -> ModelVersion | None:
     """A registered version of the very same model (data, parameters, adapter, commit)."""
     clauses = [f"name = '{name}'"] + [f"tags.`{key}` = '{lineage[key]}'" for key in IDENTITY_KEYS]
@@ -462,7 +582,8 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             name,
             description=(
                 "Company assistant adapters: plain LoRA (rank 2r, converted from MiLoRA) for the "
-                "unmodified base model named in each version's base_model tag. Aliases: champion "
+                "unmodified base model named in each version's base_model tag, each a pyfunc model "
+                "(mlflow.pyfunc.load_model). Aliases: champion "
                 "(served), challenger (latest registered)."
             ),
         )
@@ -518,8 +639,9 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     run_tags = {**tags, "registered_model": name}
     if summary_md.is_file():
         run_tags["mlflow.note.content"] = summary_md.read_text(encoding="utf-8")
+    experiment_id = _experiment_id(client, settings)
     run = client.create_run(
-        _experiment_id(client, settings),
+        experiment_id,
         run_name=f"{spec.method}-r{spec.r}-{lineage['data_version'][:8]}",
         tags=run_tags,
     )
@@ -531,6 +653,9 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
         _log_batches(client, run_id, metrics, _params(settings))
         _log_dataset(client, run_id, settings, paths["dataset"], lineage)
         _log_artifacts(client, run_id, paths)
+        model_id, model_source = _log_served_model(
+            client, run_id, experiment_id, settings, paths["served"], tags["base_model"]
+        )
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         try:
@@ -550,13 +675,18 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     }
     version = client.create_model_version(
         name,
-        source=f"{run.info.artifact_uri.rstrip('/')}/{SERVED}",
+        source=model_source,  # the logged model's artifacts (a models:/ source needs the global URI)
         run_id=run_id,
         tags=version_tags,
         description=f"{spec.method} r={spec.r} on data {lineage['data_version']} (commit {lineage['git_commit']})",
+        model_id=model_id,
     )
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     logger.info("registered %s version %s (run %s) as %s", name, version.version, run_id, CHALLENGER)
+    try:
+        _link_model_version(client, model_id, name, str(version.version))
+    except Exception:  # a missing cross-link in the UI; the version itself is complete
+        logger.warning("could not tag model %s with version %s", model_id, version.version, exc_info=True)
     return {"name": name, "run_id": run_id, "version": str(version.version), "new": True, "metrics": flat}
 
 

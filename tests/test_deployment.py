@@ -89,7 +89,7 @@ def servers(tmp_path_factory):
             log.close()
 
 
-def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir):
+def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir, monkeypatch):
     project = make_project(tmp_path / "project", chat_model_dir, [*COPIED, "flows", "prefect.yaml"])
     env = {**servers, "MILORA_PROJECT_DIR": str(project), "COLUMNS": "250"}  # untruncated tables
 
@@ -120,5 +120,13 @@ def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.tags["method"] == "milora"
+    # The champion loads from the server's artifact store as a pyfunc model and answers.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    answers = served.predict(pd.DataFrame({"prompt": ["Who approves travel?"]}), params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str)
     record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
     assert record["status"] == "promoted" and record["flow_run"]["name"]

@@ -9,6 +9,7 @@ store of the module, so tests do not see each other's versions and aliases.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -188,17 +189,39 @@ def test_register_logs_the_whole_run_then_registers_the_served_adapter(model):
     assert weights and all(p.name.startswith("adapter_model") for p in weights)
     assert max(p.stat().st_size for p in weights) <= served_bytes
 
-    # The version: the served plain-LoRA adapter, its lineage, alias challenger, no champion yet.
+    # The version: a pyfunc model of the run holding the served plain-LoRA adapter, its lineage,
+    # alias challenger, no champion yet.
     version = client.get_model_version(name, "1")
-    assert version.source.endswith("/adapter_for_stock_base") and version.run_id == result["run_id"]
+    assert version.run_id == result["run_id"]
+    (output,) = run.outputs.model_outputs  # the run's logged model, linked to the version
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == result["run_id"] and logged.status == "READY"
+    assert version.source == logged.artifact_location
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": name, "version": "1"}]
     for key, value in lineage(1).items():
         assert version.tags[key] == value
     assert version.tags["method"] == "milora" and version.tags["rank"] == "16"
     assert version.tags["served_rank"] == "32" and version.tags["base_model"] == model.base_model
     assert alias(client, name, "challenger") == "1" and alias(client, name, "champion") is None
-    served = Path(client.get_model_version_download_uri(name, "1").removeprefix("file://"))
-    config = json.loads((Path(served) / "adapter_config.json").read_text())
-    assert config["r"] == 32 and not (Path(served) / "initial").exists()  # plain LoRA, rank 2r
+    packaged = Path(client.get_model_version_download_uri(name, "1").removeprefix("file://"))
+    served = packaged / "artifacts" / "adapter_for_stock_base"
+    config = json.loads((served / "adapter_config.json").read_text())
+    assert config["r"] == 32 and not (served / "initial").exists()  # plain LoRA, rank 2r
+    mlmodel = yaml.safe_load((packaged / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["model_code_path"].endswith("serving_model.py") and "python_model" not in pyfunc
+    assert mlmodel["model_id"] == logged.model_id and mlmodel["run_id"] == result["run_id"]
+    assert Path(pyfunc["config"]["base_model"]) == Path(model.base_model).resolve()
+    assert pyfunc["config"]["max_new_tokens"] == reg.SERVING_MAX_NEW_TOKENS
+    assert json.loads(mlmodel["signature"]["inputs"]) == [
+        {"type": "string", "name": "prompt", "required": True}
+    ]
+    assert not list(packaged.rglob("*.pkl"))  # models from code: nothing pickled
+    requirements = (packaged / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "peft"}
+    weights = [p for p in packaged.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert [p.name for p in weights] == ["adapter_model.safetensors"]
+    assert weights[0].stat().st_size == served_bytes  # the adapter only, never the base
 
     # Same data, parameters, adapter and commit again: nothing new, no new run, same version.
     runs_before = set(experiment_runs(client, model))
@@ -220,6 +243,10 @@ def test_non_adapter_files_in_an_adapter_folder_are_never_logged(model, tmp_path
     names = {p.name for p in artifacts.rglob("*") if p.is_file()}
     assert "adapter_model.safetensors" in names
     assert "model.safetensors" not in names and "tokenizer.json" not in names
+    version = client_of(model).get_model_version(model.registry.model_name, result["version"])
+    packaged = Path(version.source.removeprefix("file://"))
+    packaged_names = {p.name for p in packaged.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in packaged_names and "model.safetensors" not in packaged_names
 
 
 def test_register_refuses_missing_lineage_or_outputs(model, tmp_path):
@@ -251,6 +278,71 @@ def test_failed_logging_registers_nothing_and_fails_the_run(model, monkeypatch):
     assert client.get_run(new_run).info.status == "FAILED"
     assert versions(client, name) == ["1"]
     assert alias(client, name, "champion") == "1" and alias(client, name, "challenger") == "1"
+
+
+def test_a_relative_base_model_is_recorded_absolute_for_loading(model):
+    relative = os.path.relpath(model.base_model, model.root)
+    assert not Path(relative).is_absolute()
+    result = reg.register(model.with_overrides({"base_model": relative}), lineage("relative"))
+    version = client_of(model).get_model_version(model.registry.model_name, result["version"])
+    assert version.tags["base_model"] == relative  # the tag as configured
+    mlmodel = yaml.safe_load((Path(version.source.removeprefix("file://")) / "MLmodel").read_text())
+    recorded = mlmodel["flavors"]["python_function"]["config"]["base_model"]
+    assert recorded == str(Path(model.base_model).resolve())  # the model: where it loads from
+
+
+def test_failed_model_logging_registers_nothing(model, monkeypatch):
+    client = client_of(model)
+    runs_before = set(experiment_runs(client, model))
+
+    def broken(self, model_id, local_dir, artifact_path=None):
+        raise OSError("disk full while uploading the model")
+
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", broken)
+    with pytest.raises(OSError, match="disk full"):
+        reg.register(model, lineage("model"))
+    (new_run,) = set(experiment_runs(client, model)) - runs_before
+    assert client.get_run(new_run).info.status == "FAILED"
+    (output,) = client.get_run(new_run).outputs.model_outputs
+    assert client.get_logged_model(output.model_id).status == "FAILED"
+    assert versions(client, model.registry.model_name) == []
+
+
+def test_the_champion_loads_with_mlflow_pyfunc_and_answers_as_peft_does(model, monkeypatch):
+    """``models:/NAME@champion`` is a real MLflow model: base + served adapter, greedy answers."""
+    import mlflow
+    import pandas as pd
+    from peft import PeftModel
+
+    from milora.evaluation.generation import greedy_generate
+    from milora.modeling import load_base_model, load_tokenizer
+    from milora.training.examples import prompt_text
+
+    result = reg.register(model, lineage(1))
+    assert reg.promote(model, result["version"])["decision"] == "promoted"
+    name = model.registry.model_name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.tracking_uri(model))  # what load_model reads
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg.tracking_uri(model))
+    prompts = ["What are the support hours?", "Who approves travel expenses?"]
+
+    champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    answers = champion.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 6})
+    assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers), answers
+
+    # The same answers as the served adapter put on the stock base with PEFT by hand.
+    tokenizer = load_tokenizer(model.base_model)
+    tuned = PeftModel.from_pretrained(
+        load_base_model(model.base_model), model.path(model.train.run_dir) / reg.SERVED
+    )
+    chats = [prompt_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    assert answers == greedy_generate(tuned, tokenizer, chats, max_new_tokens=6, first_line=False)
+
+    # By version number too; a longer answer continues the shorter one (greedy).
+    by_number = mlflow.pyfunc.load_model(f"models:/{name}/{result['version']}")
+    longer = by_number.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 12})
+    assert len(longer) == 2 and all(a.startswith(b) for a, b in zip(longer, answers, strict=True))
+    with pytest.raises(Exception, match="prompt"):
+        by_number.predict(pd.DataFrame({"question": prompts}))
 
 
 # --------------------------------------------------------------------------- gate
