@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 REPORTS_DIR = "outputs/reports"
 SPECTRUM_WEIGHTS = 4  # target weights drawn in the spectrum plot
+UNTRAINED = ("nothing new", "no new data")  # statuses of runs that trained nothing
 OWN_OUTPUTS = ("promoted", "rejected by the gate", "nothing new")  # the workspace holds this run's model
 
 
@@ -240,20 +242,27 @@ def html_report(settings: Settings, record: str | Path | None = None, rebuild: b
     out = settings.path(REPORTS_DIR)
     pages = out / "runs"
     client, history, notes = _history(settings)
-    spectra = weight_spectra_of(settings)  # one base model for all pages: drawn once
+    drawn = functools.cache(lambda: weight_spectra_of(settings))  # one base for all pages: once
+
+    def spectra(data: dict[str, Any]) -> tuple[list[Spectrum], str | None]:
+        # A run that trained nothing adds no spectrum (and a no-op rerun stays quick).
+        if data.get("status") in UNTRAINED:
+            return [], f"no spectrum: nothing was trained in this run ({data.get('status')})"
+        return drawn()
+
     written = None
     if record is not None:
         path = Path(record)
         data = json.loads(path.read_text(encoding="utf-8"))
         written = _write(
             pages / f"{path.stem}.html",
-            render_run(run_page(settings, data, client, history, spectra, live=True)),
+            render_run(run_page(settings, data, client, history, spectra(data), live=True)),
         )
     records = _records(settings)
     for path, data in records:
         page = pages / f"{path.stem}.html"
         if rebuild or not page.is_file():
-            _write(page, render_run(run_page(settings, data, client, history, spectra, live=False)))
+            _write(page, render_run(run_page(settings, data, client, history, spectra(data), live=False)))
     rows = [index_row(settings, path, data, pages) for path, data in records]
     index = _write(out / "index.html", render_index(rows, history, notes))
     logger.info("HTML report: %s (%d runs)", index, len(rows))

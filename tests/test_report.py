@@ -231,7 +231,9 @@ def test_report_just_after_a_run_reads_the_workspace(project):
     try:
         page = html_report(project, record)
         html = page.read_text()
-        assert page.name == f"{record.stem}.html" and _svg_count(html) == 5  # loss from loss.csv
+        # loss (from loss.csv), scores, forgetting, history; no spectrum: nothing was trained
+        assert page.name == f"{record.stem}.html" and _svg_count(html) == 4
+        assert "nothing was trained in this run" in html
         assert "champion v1" in html  # no gate in this run: compared with the champion now
         assert "training loss not available" not in html
         index = (project.path(REPORTS_DIR) / "index.html").read_text()
