@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run method-demo deploy test lint format bench demo-data clean
+.PHONY: install run compare method-demo deploy test lint format bench demo-data clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ demo-data: $(DEMO_BASE)/config.json
 # and params retrains nothing.
 run: $(STAMP) $(DEMO_BASE)/config.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.retrain
+
+# The method comparison on the demo world (params.yaml `compare`): lora, pissa and milora,
+# 3 seeds each plus a learning-rate sweep, scored along training -> outputs/compare.
+compare: $(STAMP) $(DEMO_BASE)/config.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.compare
 
 # The method alone: spectrum, MiLoRA init (cold, then from the cache), identity check,
 # plain-LoRA conversion, where the adapter sits in the spectrum.

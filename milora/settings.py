@@ -249,6 +249,71 @@ class RegistrySettings(Section):
     gate: GateSettings = Field(default_factory=GateSettings)
 
 
+class CompareSettings(Section):
+    """The method comparison: lora, pissa and milora at equal rank and budget, several seeds,
+    scored at several points along training (learning and forgetting move together, so one
+    end-of-training number can mislead). ``null`` values fall back to ``train`` and its
+    profile, so the comparison trains what the pipeline trains unless told otherwise."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["lora", "pissa", "milora"], min_length=1, description="methods compared"
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], min_length=1, description="one run per method and seed (>= 3)"
+    )
+    rank: int | None = Field(None, ge=1, description="null: train.rank (equal for every method)")
+    profile: str | None = Field(None, description="hyperparameter profile; null: train.profile")
+    steps: int | None = Field(None, ge=1, description="optimiser steps per run; null: the profile's")
+    eval_every: int = Field(50, ge=1, description="evaluate a snapshot every N steps (and at the end)")
+    learning_rate: float | None = Field(None, gt=0, description="shared by every method; null: profile's")
+    lr_sweep: list[float] = Field(
+        default_factory=list, description="fairness check: these learning rates per method (empty: none)"
+    )
+    sweep_seeds: int = Field(1, ge=1, description="the sweep uses the first N of seeds")
+    suites: list[str] | None = Field(None, description="evaluate.suites names scored; null: all")
+    matched_company: float | None = Field(
+        None,
+        description="score of registry.gate.primary_suite (the company suite) at which forgetting is "
+        "compared; null: the highest every main run reaches",
+    )
+    out_dir: str = Field("outputs/compare", description="runs/, table.md, table.csv, plots")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        from milora.config import METHODS
+
+        bad = sorted(set(value) - set(METHODS))
+        if bad or len(set(value)) != len(value):
+            raise ValueError(f"methods must be distinct names among {list(METHODS)}, got {value}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct, got {value}")
+        return value
+
+    @field_validator("lr_sweep")
+    @classmethod
+    def _positive_rates(cls, value: list[float]) -> list[float]:
+        if any(rate <= 0 for rate in value):
+            raise ValueError(f"learning rates must be positive, got {value}")
+        return value
+
+    def hyperparameters(self, train: TrainSettings) -> TrainConfig:
+        """The profile every compared run starts from, with this section's steps and rate."""
+        from dataclasses import replace
+
+        config = train._config(self.profile or train.profile)
+        return replace(
+            config,
+            max_steps=self.steps or config.max_steps,
+            learning_rate=self.learning_rate or config.learning_rate,
+        )
+
+
 class Settings(Section):
     """All of ``params.yaml``; ``root`` is the folder relative paths start from."""
 
@@ -259,6 +324,21 @@ class Settings(Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluation: EvaluateSettings = Field(default_factory=EvaluateSettings, alias="evaluate")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    compare: CompareSettings = Field(default_factory=CompareSettings)
+
+    @model_validator(mode="after")
+    def _compare_refers_to_known(self) -> Settings:
+        profile = self.compare.profile
+        if profile is not None and profile not in self.train.profiles:
+            raise ValueError(
+                f"compare.profile {profile!r} is not one of train.profiles: {sorted(self.train.profiles)}"
+            )
+        unknown = sorted(set(self.compare.suites or []) - set(self.evaluation.suites))
+        if unknown:
+            raise ValueError(
+                f"compare.suites {unknown} are not in evaluate.suites: {sorted(self.evaluation.suites)}"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
