@@ -195,9 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"version {result['version']} (commit {result['commit'][:12]}) {how} into {result['into']}")
     print(f"adapter: {result['adapter']}")
     for key, same in result["matches"].items():
-        print(
-            f"{key}: {result['rebuilt'][key]} ({'matches the registry' if same else 'DIFFERS from the registry'})"
-        )
+        found = result["rebuilt"].get(key, "the weights files against the run's logged adapters")
+        print(f"{key}: {found} ({'matches the registry' if same else 'DIFFERS from the registry'})")
     return 0 if all(result["matches"].values()) else 1
 
 

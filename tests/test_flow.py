@@ -29,6 +29,7 @@ from test_stages import TINY_PROFILE
 from flows.retrain import main as retrain_main
 from flows.retrain import retrain
 from milora.settings import load_settings
+from tasks.rebuild import main as rebuild_main
 from tasks.rebuild import rebuild
 from tasks.register import tracking_uri
 from tasks.reproduce import stage_env
@@ -108,6 +109,12 @@ def project(tmp_path_factory, chat_model_dir) -> Path:
     return make_project(tmp_path_factory.mktemp("project"), chat_model_dir)
 
 
+def latest_record(root: Path) -> dict:
+    """The newest run record (by its time: names of one second sort by flow-run name)."""
+    records = [json.loads(path.read_text()) for path in (root / "outputs" / "runs").glob("*.json")]
+    return max(records, key=lambda record: record["time"])
+
+
 def registry(root: Path) -> tuple[MlflowClient, str]:
     settings = load_settings(root / "params.yaml")
     return MlflowClient(tracking_uri(settings)), settings.registry.model_name
@@ -141,7 +148,7 @@ def test_retrain_flow_end_to_end(project, harness, capsys):
     # The command answers that case from DVC and the registry without starting a flow run.
     assert retrain_main(["--params", params]) == 0
     assert "nothing new" in capsys.readouterr().out
-    record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
+    record = latest_record(project)
     assert record["checked_without_flow"] and "flow_run" not in record
     assert record["registration"]["version"] == str(versions[0].version)
 
@@ -167,13 +174,17 @@ def dvc(root: Path, *args: str) -> str:
     return done.stdout
 
 
-def test_rebuild_registered_version_from_the_dvc_remote(project, tmp_path):
+def test_rebuild_registered_version_from_the_dvc_remote(project, tmp_path, capsys):
     """The champion back from its tags: its commit, and its dvc.lock pulled from the remote."""
-    settings = load_settings(project / "params.yaml")
-    result = rebuild(settings, "champion", tmp_path / "rebuilt")
-    assert result["matches"] == {"data_version": True, "adapter_version": True, "adapter_weights": True}
+    into = tmp_path / "rebuilt"
+    assert rebuild_main(["champion", "--into", str(into), "--params", str(project / "params.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("matches the registry") == 3 and "DIFFERS" not in printed, printed
     original = adapter_bytes(project / "outputs" / "train")
-    assert original and adapter_bytes(Path(result["adapter"])) == original
+    assert original and adapter_bytes(into / "outputs" / "train") == original
+    # A folder already in use is refused, before anything is cloned into it.
+    assert rebuild_main(["champion", "--into", str(into), "--params", str(project / "params.yaml")]) == 1
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_dvc_repro_on_a_clean_checkout_and_experiments(project, tmp_path):
@@ -218,10 +229,11 @@ def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):
         retrain(params)
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert client.get_model_version_by_alias(name, "champion").version == champion
-    records = sorted((project / "outputs" / "runs").glob("*.json"))
-    assert json.loads(records[-1].read_text())["status"] == "failed"
+    assert latest_record(project)["status"] == "failed"
     # Every run has its HTML page, the failed one too, listed in the index with its reason.
     reports = project / "outputs" / "reports"
-    assert sorted(p.stem for p in (reports / "runs").glob("*.html")) == [p.stem for p in records]
+    assert sorted(p.stem for p in (reports / "runs").glob("*.html")) == sorted(
+        p.stem for p in (project / "outputs" / "runs").glob("*.json")
+    )
     index = (reports / "index.html").read_text()
     assert index.count('class="status bad"') == 1 and "validate" in index
