@@ -182,9 +182,16 @@ class TrainSettings(Section):
         """The selected profile as a validated :class:`TrainConfig`."""
         return self._config(self.profile)
 
-    def adapter_spec(self) -> AdapterSpec:
+    def adapter_spec(self, method: str | None = None, rank: int | None = None) -> AdapterSpec:
+        """The adapter these settings describe; ``method``/``rank`` override the configured
+        ones (a comparison run), alpha then defaulting for that method unless set."""
         return AdapterSpec(
-            self.method, self.rank, self.alpha, tuple(self.target_modules), self.dropout, self.solver
+            method or self.method,
+            rank or self.rank,
+            self.alpha,
+            tuple(self.target_modules),
+            self.dropout,
+            self.solver,
         )
 
 

@@ -5,8 +5,8 @@
 Trains every method of ``compare.methods`` at the same rank and budget on the validated
 dataset's training split, once per seed of ``compare.seeds`` at one shared learning rate
 (the paper's protocol), plus a per-method learning-rate sweep (``compare.lr_sweep``) on the
-first seed as a fairness check. Each run is scored on ``evaluate.suites`` every
-``compare.eval_every`` steps. ``compare.out_dir`` gets ``runs/<method>-lr<rate>-s<seed>/``
+first seed as a fairness check. Each run is scored on ``compare.suites`` (by default all of
+``evaluate.suites``) every ``compare.eval_every`` steps. ``compare.out_dir`` gets ``runs/<method>-lr<rate>-s<seed>/``
 (each with ``trajectory.json``), ``table.md``, ``table.csv``, ``sweep.csv`` and the plots
 ``tradeoff``, ``steps`` and ``sweep_tradeoff`` (PNG and SVG). A rerun reuses every run
 whose inputs did not change. The Prefect flow ``flows/compare.py`` runs the same functions.
@@ -60,16 +60,13 @@ def compare_run(
     from dataclasses import asdict, replace
 
     from milora.comparison import RunSpec, track_run
-    from milora.config import AdapterSpec
     from milora.data.dataset import load_messages
 
     cfg, train = settings.compare, settings.train
     conversations = load_messages(Path(dataset_dir or dataset(settings)), "train")
     if not conversations:
         raise ValueError("the dataset's train split is empty; nothing to compare on")
-    spec = AdapterSpec(
-        method, cfg.rank or train.rank, train.alpha, tuple(train.target_modules), train.dropout, train.solver
-    )
+    spec = train.adapter_spec(method, cfg.rank)
     config = replace(cfg.hyperparameters(train), learning_rate=learning_rate, seed=seed)
     name = RunSpec(method, seed, learning_rate).name
     logger.info(

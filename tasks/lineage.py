@@ -94,9 +94,9 @@ def unchanged_version(settings: Settings) -> str | None:
     unchanged since ``dvc.lock``, the same data, params, adapter and commit registered), or
     None: then there is work for the flow."""
     from tasks.register import registered_version
-    from tasks.reproduce import pipeline_changed
+    from tasks.reproduce import changed
 
-    if not (settings.root / LOCK_FILE).is_file() or pipeline_changed(settings.root):
+    if not (settings.root / LOCK_FILE).is_file() or changed(None, settings.root):
         return None
     return registered_version(settings, lineage(settings))
 

@@ -44,22 +44,25 @@ def _git(*args: str, cwd: Path | None = None) -> None:
         raise RebuildError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def _lineage_files(settings: Settings, run_id: str, into: Path) -> None:
-    """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``."""
+def _download(settings: Settings, run_id: str, artifact_path: str, into: str) -> Path:
+    """One artifact folder of the run, from the project's tracking store."""
     from mlflow.artifacts import download_artifacts
 
-    from tasks.register import LINEAGE_ARTIFACTS, tracking_uri
+    from tasks.register import tracking_uri
+
+    uri = tracking_uri(settings)
+    return Path(
+        download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=into, tracking_uri=uri)
+    )
+
+
+def _lineage_files(settings: Settings, run_id: str, into: Path) -> None:
+    """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``."""
+    from tasks.register import LINEAGE_ARTIFACTS
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = Path(
-                download_artifacts(
-                    run_id=run_id,
-                    artifact_path=LINEAGE_ARTIFACTS,
-                    dst_path=tmp,
-                    tracking_uri=tracking_uri(settings),
-                )
-            )
+            folder = _download(settings, run_id, LINEAGE_ARTIFACTS, tmp)
         except Exception as error:  # MLflow raises its own error types for a missing folder
             raise RebuildError(
                 f"run {run_id} has no {LINEAGE_ARTIFACTS}/ artifacts (dvc.lock, params.yaml): it was "
@@ -77,18 +80,12 @@ def _sha256(path: Path) -> str:
 
 def _same_weights(settings: Settings, run_id: str, run_dir: Path) -> bool:
     """Whether every adapter weights file logged with the run is byte-identical in ``run_dir``."""
-    from mlflow.artifacts import download_artifacts
-
-    from tasks.register import RAW, SERVED, tracking_uri
+    from tasks.register import RAW, SERVED
 
     with tempfile.TemporaryDirectory() as tmp:
         compared = 0
         for folder in (RAW, SERVED):
-            logged = Path(
-                download_artifacts(
-                    run_id=run_id, artifact_path=folder, dst_path=tmp, tracking_uri=tracking_uri(settings)
-                )
-            )
+            logged = _download(settings, run_id, folder, tmp)
             for path in sorted(logged.rglob("*.safetensors")):
                 rebuilt = run_dir / folder / path.relative_to(logged)
                 if not rebuilt.is_file() or _sha256(rebuilt) != _sha256(path):

@@ -22,8 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from milora.offline import OFFLINE_ENV
 from tasks import TEMPFAIL, stage_task
@@ -59,23 +61,22 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def changed(stage: str, root: str | os.PathLike[str] = ".") -> bool:
-    """Whether ``dvc status`` finds anything of ``stage`` changed since ``dvc.lock`` (deps,
-    params, outputs missing or modified). Asked in this process: a DVC command per unchanged
-    stage would cost a second of start-up each."""
-    from dvc.repo import Repo
-
-    # DVC resolves output paths against the working directory: ask from inside the project.
-    with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
-        return bool(repo.status(targets=[stage]))
-
-
-def pipeline_changed(root: str | os.PathLike[str] = ".") -> bool:
-    """Whether ``dvc status`` finds anything of any stage changed (one in-process call)."""
+@contextlib.contextmanager
+def _project_repo(root: str | os.PathLike[str]) -> Iterator[Any]:
+    """The DVC repository at ``root``, opened from inside it: DVC resolves output paths against
+    the working directory (one thread at a time, since the working directory is per process)."""
     from dvc.repo import Repo
 
     with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
-        return bool(repo.status())
+        yield repo
+
+
+def changed(stage: str | None, root: str | os.PathLike[str] = ".") -> bool:
+    """Whether ``dvc status`` finds anything of ``stage`` (None: of any stage) changed since
+    ``dvc.lock`` (deps, params, outputs missing or modified). Asked in this process: a DVC
+    command per unchanged stage would cost a second of start-up each."""
+    with _project_repo(root) as repo:
+        return bool(repo.status(targets=[stage] if stage else None))
 
 
 def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
@@ -110,9 +111,7 @@ def push(root: str | os.PathLike[str] = ".") -> int:
     """Send every output in ``dvc.lock`` to the default DVC remote, so a registered version can
     be rebuilt on another machine (``python -m tasks.rebuild``); returns how many files went.
     Without a remote configured there is nothing to send to: logged, not an error."""
-    from dvc.repo import Repo
-
-    with _CWD_LOCK, contextlib.chdir(root), Repo(".") as repo:
+    with _project_repo(root) as repo:
         remote = repo.config["core"].get("remote")
         if not remote:
             logger.warning("no default DVC remote (dvc remote add -d ...): outputs stay in the local cache")
