@@ -34,6 +34,7 @@ for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milo
 
 from prefect import flow, get_run_logger  # noqa: E402
 
+from milora.records import Decision, RunStatus  # noqa: E402
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings  # noqa: E402
 from tasks.html_report import html_report, html_report_task  # noqa: E402
 from tasks.lineage import lineage_task, raw_data_hash, unchanged_version  # noqa: E402
@@ -71,7 +72,10 @@ def retrain(
         if champion and champion.get("raw_data_hash") == current:
             log.info("no new data since champion v%s (raw data %s)", champion.get("version"), current[:12])
             return _report(
-                settings, status="no new data", champion=champion, seconds=time.perf_counter() - started
+                settings,
+                status=RunStatus.NO_NEW_DATA,
+                champion=champion,
+                seconds=time.perf_counter() - started,
             )
 
     stages: dict[str, bool] = {}
@@ -90,13 +94,17 @@ def retrain(
         # The failed run is recorded with its reason (registry and champion untouched: the
         # registry steps come last and register only after everything is logged).
         _report(
-            settings, status="failed", error=str(error), stages=stages, seconds=time.perf_counter() - started
+            settings,
+            status=RunStatus.FAILED,
+            error=str(error),
+            stages=stages,
+            seconds=time.perf_counter() - started,
         )
         raise
     if decision is not None:
-        status = "promoted" if decision["decision"] == "promoted" else "rejected by the gate"
+        status = RunStatus.PROMOTED if decision["decision"] == Decision.PROMOTED else RunStatus.REJECTED
     else:
-        status = "nothing new"
+        status = RunStatus.NOTHING_NEW
         log.info(
             "unchanged data, parameters and code: nothing retrained, version %s already registered",
             registration["version"],
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if version is not None:
             record = report(
                 settings,
-                status="nothing new",
+                status=RunStatus.NOTHING_NEW,
                 registration={"version": version, "new": False},
                 checked_without_flow=True,
                 seconds=time.perf_counter() - started,
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force)
     settings = load_settings(args.params)
     table = settings.path(settings.evaluation.out_dir) / "summary.md"
-    if result["status"] != "no new data" and table.is_file():
+    if result["status"] != RunStatus.NO_NEW_DATA and table.is_file():
         print(f"\nevaluation of the current adapter against the base ({table}):\n{table.read_text()}")
     if result.get("decision"):
         print("gate: " + "; ".join(result["decision"].get("reasons") or []))

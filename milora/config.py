@@ -4,25 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METHODS: tuple[str, ...] = ("milora", "pissa", "lora")
+from milora.methods import INIT_METHODS
+
+METHODS: tuple[str, ...] = tuple(INIT_METHODS)
 # Decomposition routes (milora.decomposition): auto picks Gram or float64 SVD per matrix.
 SOLVERS: tuple[str, ...] = ("auto", "gram", "svd64", "svd32")
 # The MiLoRA paper's targets for LLaMA-family models (LLM-Adapters setting).
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-# Which end of the spectrum each SVD-initialised method takes.
-METHOD_SIDE: dict[str, str] = {"milora": "minor", "pissa": "principal"}
 
 
 def default_alpha(method: str, r: int) -> float:
     """The official code's choice: alpha = r (scale 1) for MiLoRA/PiSSA, 2r for LoRA."""
-    return float(2 * r if method == "lora" else r)
+    return float(INIT_METHODS[method].alpha_per_rank * r)
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     """What adapter to build: method, rank, scale, dropout and target modules."""
 
-    method: str = field(default="milora", metadata={"help": "milora, pissa or lora"})
+    method: str = field(default="milora", metadata={"help": f"one of {', '.join(METHODS)}"})
     r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: float | None = field(
         default=None, metadata={"help": "scale numerator; None = r for milora/pissa, 2r for lora"}
@@ -35,8 +35,8 @@ class AdapterSpec:
     solver: str = field(default="auto", metadata={"help": f"decomposition solver: {SOLVERS}"})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in INIT_METHODS:
+            raise ValueError(f"method must be one of {tuple(INIT_METHODS)}, got {self.method!r}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -61,8 +61,3 @@ class AdapterSpec:
     def scale(self) -> float:
         """``s = lora_alpha / r``, the factor PEFT applies to ``B @ A``."""
         return float(self.lora_alpha) / self.r
-
-    @property
-    def side(self) -> str | None:
-        """``minor``/``principal`` for SVD-initialised methods, None for plain LoRA."""
-        return METHOD_SIDE.get(self.method)

@@ -1,7 +1,8 @@
-"""Wrapping a causal LM with an SVD-initialised (MiLoRA / PiSSA) or plain LoRA adapter.
+"""Wrapping a causal LM with an adapter started by one of :data:`~milora.methods.INIT_METHODS`.
 
-PEFT builds the LoRA layers; this module only overwrites their starting values and the
-frozen base weights. For a target weight W (out x in), with s = alpha / r:
+PEFT builds the LoRA layers; this module asks the method for each layer's starting values
+and overwrites them and the frozen base weights. For MiLoRA, a target weight W (out x in),
+with s = alpha / r:
 
     W = U diag(S) V^T,  keep r triplets (minor for MiLoRA, principal for PiSSA)
     A0 = diag(sqrt(S_r / s)) V_r^T,  B0 = U_r diag(sqrt(S_r / s)),  W_res = W - s B0 A0
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from milora.cache import DecompositionCache, weight_fingerprint
 from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.decomposition import Components, decompose
+from milora.methods import INIT_METHODS, InitMethod
 from milora.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -102,17 +104,16 @@ def init_adapter(
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     peft_model.train(was_training)  # new dropout layers follow the model's mode
     state = InitialFactors(spec=spec, fan_in_fan_out=fan_in_fan_out)
-    if spec.side is not None:
+    method = INIT_METHODS[spec.method]
+    if method.init is not None:
         started = time.perf_counter()
         layers = lora_layers(peft_model, adapter_name)
         hits_before = cache.hits if cache is not None else 0
-        components = _decompose_all(
-            layers, spec, fan_in_fan_out, cache, _compute_device(device), workers, progress
+        factors = _initial_factors(
+            layers, spec, method, fan_in_fan_out, cache, _compute_device(device), workers, progress
         )
         for name, layer in layers.items():
-            state.factors[name] = _apply_components(
-                layer, adapter_name, components[name], spec, fan_in_fan_out
-            )
+            state.factors[name] = _apply_factors(layer, adapter_name, *factors[name], spec, fan_in_fan_out)
         state.seconds = time.perf_counter() - started
         state.cache_hits = (cache.hits - hits_before) if cache is not None else 0
         logger.info(
@@ -134,12 +135,6 @@ def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[st
         for name, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A
     }
-
-
-def factors_from_components(comp: Components, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0, B0) in float64 with ``scale * B0 @ A0 = U diag(S) V^T``."""
-    root = (comp.S / scale).sqrt()
-    return root[:, None] * comp.V.T, comp.U * root[None, :]
 
 
 @torch.no_grad()
@@ -167,39 +162,42 @@ def _compute_device(device: str | torch.device | None) -> torch.device | None:
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
-def _decompose_all(
+def _initial_factors(
     layers: dict[str, LoraLayer],
     spec: AdapterSpec,
+    method: InitMethod,
     fan_in_fan_out: bool,
     cache: DecompositionCache | None,
     device: torch.device | None,
     workers: int | None,
     progress: bool,
-) -> dict[str, Components]:
-    """Components of every layer's base weight, from the cache or decomposed.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``method``'s (A0, B0) for every layer's base weight, its components from the cache or
+    decomposed.
 
-    On the CPU, ``workers`` > 1 threads each decompose one matrix with single-threaded BLAS
+    On the CPU, ``workers`` > 1 threads each handle one matrix with single-threaded BLAS
     (can pay on many-core hosts, where the memory-bound tridiagonal reduction scales poorly;
     on 2 cores it measured slower than one matrix at a time on both). On an accelerator
     matrices go one at a time, so peak memory stays near the model's size.
     """
 
-    def one(name: str) -> tuple[str, Components]:
-        weight = layers[name].get_base_layer().weight.detach()
-        oriented = weight.T if fan_in_fan_out else weight
-        fingerprint = weight_fingerprint(oriented) if cache is not None else None
-        found = cache.get(fingerprint, spec.side, spec.r) if cache is not None else None
+    def components(weight: torch.Tensor, rank: int, side: str) -> Components:
+        fingerprint = weight_fingerprint(weight) if cache is not None else None
+        found = cache.get(fingerprint, side, rank) if cache is not None else None
         if found is None:
-            work = oriented if device is None else oriented.to(device)
-            found = decompose(work, spec.r, spec.side, spec.solver)
+            found = decompose(weight if device is None else weight.to(device), rank, side, spec.solver)
             if cache is not None:
                 cache.put(fingerprint, found)
-        return name, found
+        return found
+
+    def one(name: str) -> tuple[str, tuple[torch.Tensor, torch.Tensor]]:
+        weight = layers[name].get_base_layer().weight.detach()
+        return name, method.init(weight.T if fan_in_fan_out else weight, spec, components)
 
     on_cpu = (device or next(iter(layers.values())).get_base_layer().weight.device).type == "cpu"
     n_workers = min(workers or 1, len(layers)) if on_cpu else 1
     bar = tqdm(total=len(layers), desc=f"{spec.method} init", unit="matrix", disable=not progress)
-    results: dict[str, Components] = {}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with bar:
         if n_workers == 1:
             for name in layers:
@@ -218,11 +216,15 @@ def _decompose_all(
     return results
 
 
-def _apply_components(
-    layer: LoraLayer, adapter_name: str, components: Components, spec: AdapterSpec, fan_in_fan_out: bool
+def _apply_factors(
+    layer: LoraLayer,
+    adapter_name: str,
+    A0: torch.Tensor,
+    B0: torch.Tensor,
+    spec: AdapterSpec,
+    fan_in_fan_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write A0, B0 into the LoRA layer and W_res into its base; return the stored factors."""
-    A0, B0 = factors_from_components(components, spec.scale)
     lora_A = layer.lora_A[adapter_name].weight
     lora_B = layer.lora_B[adapter_name].weight
     with torch.no_grad():

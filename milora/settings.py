@@ -195,9 +195,6 @@ class TrainSettings(Section):
         )
 
 
-SuiteKind = Literal["qa", "commonsense", "gsm8k", "perplexity"]
-
-
 class SuiteSettings(Section):
     """One evaluation suite: a file (or glob) in one of the supported formats.
 
@@ -207,7 +204,7 @@ class SuiteSettings(Section):
     too and the drop is reported as forgetting.
     """
 
-    kind: SuiteKind
+    kind: str = Field(description="a kind of milora.evaluation.kinds.SUITE_KINDS: qa, commonsense, ...")
     path: str | list[str] = Field(description="file, glob or list of them (JSON list or JSONL)")
     required: bool = Field(True, description="false: skipped with a warning when no file matches")
     limit: int | None = Field(None, ge=1, description="first N items per file; null = all")
@@ -217,6 +214,26 @@ class SuiteSettings(Section):
     template: str = Field("{text}", description="perplexity: format string giving each text")
     max_new_tokens: int | None = Field(None, ge=1, description="null = the suite's default")
     retention: bool = Field(False, description="scored on the base too; drop = forgetting")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from milora.evaluation.kinds import SUITE_KINDS
+
+        if value not in SUITE_KINDS:
+            raise ValueError(f"unknown suite kind {value!r}; kinds: {', '.join(SUITE_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _metric_of_kind(self) -> SuiteSettings:
+        from milora.evaluation.kinds import SUITE_KINDS
+
+        metrics = SUITE_KINDS[self.kind].metrics
+        if self.metric is not None and self.metric not in metrics:
+            raise ValueError(
+                f"metric {self.metric!r} is not one of a {self.kind} suite's: {', '.join(metrics)}"
+            )
+        return self
 
     @property
     def paths(self) -> list[str]:

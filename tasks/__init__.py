@@ -1,10 +1,13 @@
 """Pipeline stages, one module each: a plain function, its Prefect task, and a command.
 
-Every stage is ``stage(paths..., settings) -> report``, wrapped as a Prefect task (retried
-only for I/O errors: bad data fails the same way every time) and runnable as
-``python -m tasks.<stage>`` so ``dvc.yaml`` calls the very same code. Exit codes: 0 done,
-1 bad data or a failed run (the reason is printed), 2 bad parameters or usage, 75 an I/O
-error (worth retrying).
+Every stage is ``stage(settings, ...) -> report``, runnable as ``python -m tasks.<stage>``.
+The data and model stages (ingest, validate, init, train, evaluate) are the commands of
+``dvc.yaml``; the flow runs them through DVC with one Prefect task, ``reproduce_task``
+(:mod:`tasks.reproduce`, a task run per stage, named after it), so DVC alone decides what
+reruns and versions every output. The registry and report stages are Prefect tasks of their
+own (:func:`stage_task`: retried only for transient faults, never for bad data). Exit codes:
+0 done, 1 bad data or a failed run (the reason is printed), 2 bad parameters or usage, 75 an
+I/O error (worth retrying).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from milora.errors import UserFacingError
 from milora.offline import OFFLINE_ENV
 
 # Nothing here calls out: every tool's telemetry off and the model hub offline (a user's
@@ -64,15 +68,6 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user fixes from the message alone: printed without a traceback, exit 1."""
-    from milora.evaluation.runner import EvaluationInputError
-    from milora.training.loop import NonFiniteLossError
-    from milora.training.run import RunMismatchError
-
-    return (EvaluationInputError, NonFiniteLossError, RunMismatchError)
-
-
 def parse_overrides(items: list[str], parser: Any) -> dict[str, Any]:
     """``KEY=VALUE`` command-line overrides of params.yaml (values parsed as YAML)."""
     import yaml
@@ -106,7 +101,7 @@ def run_command(main: Callable[[], int]) -> None:
         print(error.summary(), file=sys.stderr)
         code = 1
     except Exception as error:
-        if isinstance(error, _user_errors()):
+        if isinstance(error, UserFacingError):
             print(f"error: {error}", file=sys.stderr)
             code = 1
         elif isinstance(error, OSError):

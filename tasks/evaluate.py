@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from milora.layout import RAW_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command, stage_task
+from tasks import parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
-
-ADAPTER = "adapter"
 
 
 def evaluate(
@@ -35,7 +34,7 @@ def evaluate(
     cfg = settings.evaluation
     metrics, _ = evaluate_adapter(
         settings.path(settings.base_model),
-        adapter_dir or settings.path(settings.train.run_dir) / ADAPTER,
+        adapter_dir or settings.path(settings.train.run_dir) / RAW_ADAPTER,
         cfg.suites,
         settings.root,
         out_dir or settings.path(cfg.out_dir),
@@ -44,9 +43,6 @@ def evaluate(
         merged=cfg.merged,
     )
     return metrics
-
-
-evaluate_task = stage_task(evaluate, "evaluate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,75 +21,54 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from milora.layout import LOSS_TABLE
+from milora.promotion import by_suite
+from milora.records import RunStatus
 from milora.reporting import IndexRow, RunPage, Spectrum, VersionPoint, render_index, render_run
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import parse_overrides, run_command, stage_task
-from tasks.register import (
-    CHAMPION,
-    DECISION_TAG,
-    TRAIN_PREFIX,
-    _alias,
-    _client,
-    _eval_metrics_of_run,
-    _sqlite_file,
-    _suites,
-    configured_uri,
-)
+from tasks.registry import CHAMPION, DECISION_TAG, TRAIN_PREFIX, Registry, is_registry_error
 from tasks.report import RUNS_DIR
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
 REPORTS_DIR = "outputs/reports"
 SPECTRUM_WEIGHTS = 4  # target weights drawn in the spectrum plot
-UNTRAINED = ("nothing new", "no new data")  # statuses of runs that trained nothing
-OWN_OUTPUTS = ("promoted", "rejected by the gate", "nothing new")  # the workspace holds this run's model
 
 
 # --------------------------------------------------------------------------- registry
-def registry_client(settings: Settings) -> tuple[MlflowClient | None, str | None]:
-    """A client of the configured registry, or None and why (a report never creates a store)."""
-    uri = configured_uri(settings)
-    database = _sqlite_file(uri)
-    if database is not None and not database.is_file():
-        return None, f"no MLflow registry yet ({database} does not exist)"
-    return _client(uri), None
-
-
-def version_history(client: MlflowClient, name: str) -> list[VersionPoint]:
-    """Every registered version of ``name`` with its evaluation and the gate's decision."""
-    champion = _alias(client, name, CHAMPION)
+def version_history(registry: Registry) -> list[VersionPoint]:
+    """Every registered version with its evaluation and the gate's decision."""
+    champion = registry.alias(CHAMPION)
     points = []
-    for version in client.search_model_versions(f"name = '{name}'"):
-        suites = _suites(_eval_metrics_of_run(client, version.run_id))
+    for version in registry.versions():
+        suites = by_suite(registry.eval_metrics(version.run_id))
         points.append(
             VersionPoint(
-                version=str(version.version),
+                version=version.number,
                 scores={suite: m["score"] for suite, m in suites.items() if "score" in m},
                 forgetting={suite: m["forgetting"] for suite, m in suites.items() if "forgetting" in m},
                 decision=version.tags.get(DECISION_TAG),
-                champion=champion is not None and str(champion.version) == str(version.version),
-                created=version.creation_timestamp / 1000 if version.creation_timestamp else None,
-                description=version.description or "",
+                champion=champion is not None and champion.number == version.number,
+                created=version.created,
+                description=version.description,
             )
         )
-    return sorted(points, key=lambda p: int(p.version))
+    return points
 
 
-def _history(settings: Settings) -> tuple[MlflowClient | None, list[VersionPoint], list[str]]:
-    """The registry client, its version history and notes on what could not be read."""
-    from mlflow.exceptions import MlflowException
-
-    client, missing = registry_client(settings)
-    if client is None:
+def _history(settings: Settings) -> tuple[Registry | None, list[VersionPoint], list[str]]:
+    """The registry (if it exists), its version history and notes on what could not be read."""
+    registry, missing = Registry.existing(settings)
+    if registry is None:
         return None, [], [missing or "no registry"]
     try:
-        return client, version_history(client, settings.registry.model_name), []
-    except (MlflowException, OSError) as error:
+        return registry, version_history(registry), []
+    except Exception as error:
+        if not (isinstance(error, OSError) or is_registry_error(error)):
+            raise
         logger.warning("registry history not read: %s", error)
         return None, [], [f"registry not read: {error}"]
 
@@ -101,20 +80,20 @@ def _loss_csv(path: Path) -> list[tuple[float, float]]:
 
 
 def _loss(
-    settings: Settings, record: dict[str, Any], client: MlflowClient | None, live: bool
+    settings: Settings, record: dict[str, Any], registry: Registry | None, live: bool
 ) -> tuple[list[tuple[float, float]], str | None]:
     """The run's training loss: from its MLflow run when registered, else (just after the
     run) from ``loss.csv`` if this run trained."""
     run_id = (record.get("registration") or {}).get("run_id")
-    if run_id and client is not None:
-        history = client.get_metric_history(run_id, f"{TRAIN_PREFIX}loss")
+    if run_id and registry is not None:
+        history = registry.metric_history(run_id, f"{TRAIN_PREFIX}loss")
         if history:
-            return [(float(m.step), float(m.value)) for m in sorted(history, key=lambda m: m.step)], None
-    table = settings.path(settings.train.run_dir) / "loss.csv"
-    trained = record.get("status") in OWN_OUTPUTS or (record.get("stages") or {}).get("train")
+            return history, None
+    table = settings.path(settings.train.run_dir) / LOSS_TABLE
+    trained = record.get("status") in RunStatus.OWN_OUTPUTS or (record.get("stages") or {}).get("train")
     if live and trained and table.is_file():
         return _loss_csv(table), None
-    if record.get("status") in ("no new data", "failed") and not trained:
+    if record.get("status") in RunStatus.WITHOUT_EVALUATION and not trained:
         return [], None
     return [], "training loss not available (no MLflow run and no loss.csv of this run)"
 
@@ -162,7 +141,7 @@ def weight_spectra_of(settings: Settings) -> tuple[list[Spectrum], str | None]:
 def run_page(
     settings: Settings,
     record: dict[str, Any],
-    client: MlflowClient | None,
+    registry: Registry | None,
     history: list[VersionPoint],
     spectra: tuple[list[Spectrum], str | None],
     *,
@@ -177,7 +156,7 @@ def run_page(
         max_forgetting=settings.registry.gate.max_forgetting,
         history=history,
     )
-    page.loss, note = _loss(settings, record, client, live)
+    page.loss, note = _loss(settings, record, registry, live)
     page.spectra, spectrum_note = spectra
     page.notes += [n for n in (note, spectrum_note) if n]
     if not live:
@@ -193,7 +172,7 @@ def _reason(record: dict[str, Any]) -> str:
     failed = [r for r in decision.get("reasons") or [] if str(r).endswith("FAILED")]
     if failed:
         return "; ".join(failed)
-    if record.get("status") == "no new data":
+    if record.get("status") == RunStatus.NO_NEW_DATA:
         return f"data unchanged since champion v{(record.get('champion') or {}).get('version', '?')}"
     return ""
 
@@ -241,12 +220,12 @@ def html_report(settings: Settings, record: str | Path | None = None, rebuild: b
     (``rebuild``: every page), then the index; returns the page or the index written."""
     out = settings.path(REPORTS_DIR)
     pages = out / "runs"
-    client, history, notes = _history(settings)
+    registry, history, notes = _history(settings)
     drawn = functools.cache(lambda: weight_spectra_of(settings))  # one base for all pages: once
 
     def spectra(data: dict[str, Any]) -> tuple[list[Spectrum], str | None]:
         # A run that trained nothing adds no spectrum (and a no-op rerun stays quick).
-        if data.get("status") in UNTRAINED:
+        if data.get("status") in RunStatus.UNTRAINED:
             return [], f"no spectrum: nothing was trained in this run ({data.get('status')})"
         return drawn()
 
@@ -256,13 +235,13 @@ def html_report(settings: Settings, record: str | Path | None = None, rebuild: b
         data = json.loads(path.read_text(encoding="utf-8"))
         written = _write(
             pages / f"{path.stem}.html",
-            render_run(run_page(settings, data, client, history, spectra(data), live=True)),
+            render_run(run_page(settings, data, registry, history, spectra(data), live=True)),
         )
     records = _records(settings)
     for path, data in records:
         page = pages / f"{path.stem}.html"
         if rebuild or not page.is_file():
-            _write(page, render_run(run_page(settings, data, client, history, spectra(data), live=False)))
+            _write(page, render_run(run_page(settings, data, registry, history, spectra(data), live=False)))
     rows = [index_row(settings, path, data, pages) for path, data in records]
     index = _write(out / "index.html", render_index(rows, history, notes))
     logger.info("HTML report: %s (%d runs)", index, len(rows))

@@ -38,7 +38,7 @@ from milora.data.errors import DataValidationError, Finding
 from milora.data.normalise import FieldMapping, normalise, split_of
 from milora.data.readers import FileProblem, iter_rows, resolve_sources
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import run_command, stage_task
+from tasks import run_command
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +192,6 @@ def ingest(
         out,
     )
     return report
-
-
-ingest_task = stage_task(ingest, "ingest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

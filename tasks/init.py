@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command, stage_task
+from tasks import parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,6 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     )
     logger.info("%s r=%d initialised in %.1f s -> %s", cfg.method, cfg.rank, seconds, out)
     return {"init_dir": str(out), "seconds": seconds, "method": cfg.method, "rank": cfg.rank}
-
-
-init_task = stage_task(init, "svd-init")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

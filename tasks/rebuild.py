@@ -28,8 +28,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from milora.layout import RAW_ADAPTER, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, parse_overrides, run_command
+from tasks.register import LINEAGE_ARTIFACTS
+from tasks.registry import Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +47,11 @@ def _git(*args: str, cwd: Path | None = None) -> None:
         raise RebuildError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def _download(settings: Settings, run_id: str, artifact_path: str, into: str) -> Path:
-    """One artifact folder of the run, from the project's tracking store."""
-    from mlflow.artifacts import download_artifacts
-
-    from tasks.register import tracking_uri
-
-    uri = tracking_uri(settings)
-    return Path(
-        download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=into, tracking_uri=uri)
-    )
-
-
-def _lineage_files(settings: Settings, run_id: str, into: Path) -> None:
+def _lineage_files(registry: Registry, run_id: str, into: Path) -> None:
     """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``."""
-    from tasks.register import LINEAGE_ARTIFACTS
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = _download(settings, run_id, LINEAGE_ARTIFACTS, tmp)
+            folder = registry.download(run_id, LINEAGE_ARTIFACTS, tmp)
         except Exception as error:  # MLflow raises its own error types for a missing folder
             raise RebuildError(
                 f"run {run_id} has no {LINEAGE_ARTIFACTS}/ artifacts (dvc.lock, params.yaml): it was "
@@ -78,14 +67,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _same_weights(settings: Settings, run_id: str, run_dir: Path) -> bool:
+def _same_weights(registry: Registry, run_id: str, run_dir: Path) -> bool:
     """Whether every adapter weights file logged with the run is byte-identical in ``run_dir``."""
-    from tasks.register import RAW, SERVED
-
     with tempfile.TemporaryDirectory() as tmp:
         compared = 0
-        for folder in (RAW, SERVED):
-            logged = _download(settings, run_id, folder, tmp)
+        for folder in (RAW_ADAPTER, SERVED_ADAPTER):
+            logged = registry.download(run_id, folder, tmp)
             for path in sorted(logged.rglob("*.safetensors")):
                 rebuilt = run_dir / folder / path.relative_to(logged)
                 if not rebuilt.is_file() or _sha256(rebuilt) != _sha256(path):
@@ -117,31 +104,31 @@ def rebuild(
     from dvc.repo import Repo
 
     from tasks.lineage import locked_hashes
-    from tasks.register import model_version
     from tasks.reproduce import stage_env
 
     into = Path(into).resolve()
     if into.exists() and any(into.iterdir()):
         raise RebuildError(f"{into} is not empty: rebuild into a new folder")
-    version = model_version(settings, ref)
+    registry = Registry(settings)
+    version = registry.version(ref)
     tags = version.tags
     commit = tags.get("git_commit", "")
     if not commit or commit == "unknown":
-        raise RebuildError(f"version {version.version} records no git commit: it cannot be rebuilt")
+        raise RebuildError(f"version {version.number} records no git commit: it cannot be rebuilt")
     if commit.endswith("-dirty"):
         logger.warning(
             "version %s was trained from uncommitted changes on top of %s: code may differ",
-            version.version,
+            version.number,
             commit.removesuffix("-dirty"),
         )
         commit = commit.removesuffix("-dirty")
 
     _git("clone", "--quiet", "--no-checkout", str(settings.root), str(into))
     _git("checkout", "--quiet", "--detach", commit, cwd=into)
-    _lineage_files(settings, version.run_id, into)
+    _lineage_files(registry, version.run_id, into)
     _use_source_remote(settings.root, into)
     if recompute:
-        logger.info("recomputing version %s with dvc repro in %s", version.version, into)
+        logger.info("recomputing version %s with dvc repro in %s", version.number, into)
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "repro"], cwd=into, env=stage_env(), capture_output=True, text=True
         )
@@ -149,7 +136,7 @@ def rebuild(
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
             raise RebuildError(f"dvc repro in {into} failed:\n{tail}")
     else:
-        logger.info("pulling version %s's outputs from the DVC remote into %s", version.version, into)
+        logger.info("pulling version %s's outputs from the DVC remote into %s", version.number, into)
         with contextlib.chdir(into), Repo(".") as repo:
             repo.pull()
     rebuilt = locked_hashes(into)
@@ -160,9 +147,9 @@ def rebuild(
     for key in checked:
         level = logging.INFO if matches[key] else logging.WARNING
         logger.log(level, "%s: recorded %s, rebuilt %s", key, tags.get(key), found[key])
-    matches["adapter_weights"] = _same_weights(settings, version.run_id, into / run_dir)
+    matches["adapter_weights"] = _same_weights(registry, version.run_id, into / run_dir)
     return {
-        "version": str(version.version),
+        "version": str(version.number),
         "commit": commit,
         "into": str(into),
         "adapter": str(into / run_dir),
@@ -173,8 +160,6 @@ def rebuild(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tasks.register import RegistryError
-
     parser = argparse.ArgumentParser(prog="python -m tasks.rebuild", description=__doc__.splitlines()[0])
     parser.add_argument("version", help="version number or alias (champion, challenger)")
     parser.add_argument("--into", required=True, help="a new folder for the rebuilt project")

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
+from milora.records import LINEAGE_KEYS, RunStatus
 from milora.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def _metric_rows(settings: Settings) -> list[dict[str, Any]]:
 def _markdown(record: dict[str, Any]) -> str:
     lines = [f"# Retrain: {record['status']}", ""]
     lineage = record.get("lineage") or {}
-    for key in ("data_version", "raw_data_hash", "adapter_version", "git_commit", "base_model"):
+    for key in LINEAGE_KEYS:
         if lineage.get(key):
             lines.append(f"- **{key}**: `{lineage[key]}`")
     if record.get("stages"):
@@ -84,7 +85,7 @@ def _markdown(record: dict[str, Any]) -> str:
 def report(settings: Settings, status: str, seconds: float, **facts: Any) -> dict[str, Any]:
     """Publish the run's artifacts and record; returns the record with a one-line summary."""
     record: dict[str, Any] = {"status": status, "seconds": seconds, "time": time.time(), **facts}
-    if status not in ("no new data", "failed"):
+    if status not in RunStatus.WITHOUT_EVALUATION:
         record["metrics"] = _metric_rows(settings)
     context = FlowRunContext.get()
     if context is not None:

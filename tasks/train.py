@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command, stage_task
+from tasks import parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
 
 
 def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train the configured adapter on the dataset's training split; returns the summary."""
+    from milora.adapter_io import MANIFEST
     from milora.data.dataset import load_messages, read_manifest
     from milora.training.run import run_training
 
@@ -60,7 +61,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
         device=cfg.device,
         restart=True,
-        init_dir=init_dir if (init_dir / "milora.json").is_file() else None,
+        init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
     )
     return {
         "run_dir": str(out),
@@ -72,9 +73,6 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         "resumed_from": result.resumed_from,
         "already_trained": result.already_trained,
     }
-
-
-train_task = stage_task(train, "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

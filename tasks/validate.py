@@ -55,7 +55,7 @@ from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
 from milora.data.tokens import TokenCounter, context_length
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
-from tasks import run_command, stage_task
+from tasks import run_command
 from tasks.ingest import ingest
 
 logger = logging.getLogger(__name__)
@@ -564,9 +564,6 @@ def check_files(
     with tempfile.TemporaryDirectory(prefix="milora-check-") as scratch:
         ingest(settings, paths, Path(scratch) / "ingested")
         return validate(settings, Path(scratch) / "ingested", reports_dir=reports_dir, publish=False)
-
-
-validate_task = stage_task(validate, "validate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

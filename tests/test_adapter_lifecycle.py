@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import logits, rel, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_initialize import logits, rel
 
 import milora.adapter_io as adapter_io
 from milora import compress_adapter, convert_adapter, init_adapter, load_adapter, merge_adapter, save_adapter

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_deployment import BIN, free_port, stop, wait_healthy
+from conftest import BIN, free_port, stop, wait_healthy
 
 from milora.offline import OFFLINE_ENV
 

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import yaml
+from conftest import stage_settings
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.testing.utilities import prefect_test_harness
-from test_stages import stage_settings
 
 from flows.compare import compare_methods
 from milora.comparison import Point, RunRecord, mean_std, plan_runs, summarise, value_at_level, write_report

@@ -4,23 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import decaying_matrix
+from conftest import decaying_matrix, max_sine, reference_part
 
 from milora.decomposition import decompose
-from milora.initialize import factors_from_components
-
-
-def max_sine(basis: torch.Tensor, reference: torch.Tensor) -> float:
-    """Largest principal-angle sine between span(basis) and span(reference) (columns)."""
-    Q, _ = torch.linalg.qr(basis.double())
-    Vr, _ = torch.linalg.qr(reference.double())
-    return torch.linalg.svdvals(Q - Vr @ (Vr.T @ Q)).max().item()
-
-
-def reference_part(W: torch.Tensor, r: int, side: str):
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    part = slice(S.numel() - r, None) if side == "minor" else slice(0, r)
-    return U[:, part], S[part], Vh[part].T
+from milora.methods import factors_from_components
 
 
 @pytest.mark.parametrize("shape", [(96, 64), (64, 160), (80, 80)])

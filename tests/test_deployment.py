@@ -6,53 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import BIN, COPIED, free_port, make_project, stop, wait_healthy
 from mlflow import MlflowClient
-from test_flow import COPIED, make_project
 
 from milora.offline import OFFLINE_ENV
 
-BIN = Path(sys.executable).parent
 MODEL = "milora-company-assistant"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} not healthy after {seconds} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server and its children by process group id."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +88,22 @@ def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    answers = served.predict(pd.DataFrame({"prompt": ["Who approves travel?"]}), params={"max_new_tokens": 4})
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    prompts = ["Who approves travel?"]
+    answers = served.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 4})
+    # The answer of the trained adapter on the stock base, as PEFT gives it from the run folder.
+    from peft import PeftModel
+
+    from milora.evaluation.generation import greedy_generate
+    from milora.layout import SERVED_ADAPTER
+    from milora.modeling import load_base_model, load_tokenizer
+    from milora.training.examples import prompt_text
+
+    tokenizer = load_tokenizer(chat_model_dir)
+    tuned = PeftModel.from_pretrained(
+        load_base_model(chat_model_dir), project / "outputs" / "train" / SERVED_ADAPTER
+    )
+    chats = [prompt_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    expected = greedy_generate(tuned, tokenizer, chats, max_new_tokens=4, first_line=False)
+    assert list(answers) == expected and expected[0].strip(), (answers, expected)
     record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
     assert record["status"] == "promoted" and record["flow_run"]["name"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import company_conversations
+from conftest import DEMO_TOKENIZER, company_conversations
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import milora.evaluation.suites as suites
@@ -22,10 +22,12 @@ from milora.evaluation import (
     read_items,
 )
 from milora.evaluation.scoring import (
+    GSM8K_STOPS,
     answer_labels,
     exact_match,
     first_label,
     gsm8k_gold,
+    gsm8k_prediction,
     last_number,
     numbers_match,
     token_f1,
@@ -64,6 +66,26 @@ def test_last_number(text, value):
     assert last_number(text) == value
 
 
+@pytest.mark.parametrize(
+    ("output", "value"),
+    [
+        ("#### 70\nQuestion: Tom has 3 apples. How many? #### 3", 70.0),  # run-on: the answer given wins
+        ("She pays 5 + 65 = 70 dollars.\nQuestion: what is 1 + 2? 3", 70.0),  # cut at the next question
+        ("5 apples minus 2 leaves 3. #### 3", 3.0),
+        ("so 12 * 3 = 36 #### 36 and then 40 more", 36.0),  # the number right after ####
+        ("#### 1,234", 1234.0),
+        ("#### $5.50.", 5.5),
+        ("#### -2", -2.0),
+        ("4 then 5", 5.0),  # no marker: the last number
+        ("it is 8 ####", 8.0),  # an empty marker: the last number before it
+        ("Question: 4 + 4?", None),  # nothing before the next question
+        ("", None),
+    ],
+)
+def test_gsm8k_prediction(output, value):
+    assert gsm8k_prediction(output) == value
+
+
 def test_gsm8k_gold_and_match():
     assert gsm8k_gold("blah\n#### 1,000") == 1000.0
     assert numbers_match(1000.0000001, 1000.0) and not numbers_match(None, 1.0)
@@ -99,6 +121,21 @@ def test_batched_generation_equals_one_by_one(chat):
     ]
 
 
+def test_generation_stops_at_a_stop_string():
+    """On the demo base (it writes words): generation ends where a stop string appears."""
+    model = AutoModelForCausalLM.from_pretrained(DEMO_TOKENIZER).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+    prompts = ["Hello", "Question: Where do the Velari people live? Answer:"]
+    common = {"max_new_tokens": 16, "first_line": False, "add_special_tokens": True}
+    free = greedy_generate(model, tokenizer, prompts, **common)
+    words = free[0].split()
+    assert len(words) >= 3, free  # a marker in the middle of the first answer
+    marker = words[len(words) // 2]
+    stopped = greedy_generate(model, tokenizer, prompts, stop=[marker], **common)
+    assert stopped[0] == free[0].split(marker, 1)[0].strip() and stopped[0] != free[0]
+    assert stopped[1] == free[1].split(marker, 1)[0].strip()  # the other row: cut only if it says it too
+
+
 def test_continuation_logprob_is_the_sum_of_token_logprobs(chat):
     model, tokenizer = chat
     prompt, continuation = "How much is the lamp?", " It costs 12 dollars."
@@ -118,11 +155,28 @@ def test_suites_score_a_model_that_answers_right(chat, monkeypatch):
         {"instruction": "Is it?\n\nAnswer format: true/false", "input": "", "answer": "false"},
         {"instruction": "Which?\n\nAnswer format: answer1/answer2", "input": "", "answer": "answer2"},
     ]
-    gsm = [{"question": "2+2?", "answer": "2+2=4\n#### 4"}, {"question": "1000+234?", "answer": "#### 1,234"}]
-    canned = iter([["the correct answer is false", "answer2"], ["so 4", "It is $1,234."]])
-    monkeypatch.setattr(suites, "greedy_generate", lambda *a, **k: next(canned))
+    gsm = [
+        {"question": "2+2?", "answer": "2+2=4\n#### 4"},
+        {"question": "1000+234?", "answer": "#### 1,234"},
+        {"question": "70?", "answer": "#### 70"},
+    ]
+    canned = iter(
+        [
+            ["the correct answer is false", "answer2"],
+            ["so 4", "It is $1,234.", "#### 70 Question: 1+2? #### 3"],
+        ]
+    )
+    asked = []
+
+    def generate(*args, **kwargs):
+        asked.append(kwargs)
+        return next(canned)
+
+    monkeypatch.setattr(suites, "greedy_generate", generate)
     assert commonsense_suite(model, tokenizer, commonsense).score == 1.0
-    assert gsm8k_suite(model, tokenizer, gsm).score == 1.0
+    result = gsm8k_suite(model, tokenizer, gsm)
+    assert [r["prediction"] for r in result.predictions] == [4.0, 1234.0, 70.0] and result.score == 1.0
+    assert asked[-1]["stop"] == GSM8K_STOPS and asked[-1]["first_line"] is False
     loglik = commonsense_suite(model, tokenizer, commonsense, mode="loglik")
     assert loglik.n == 2 and all(r["prediction"] in r["labels"] for r in loglik.predictions)
 

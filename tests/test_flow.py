@@ -12,7 +12,6 @@ of a real Prefect server in test_deployment.py.)
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,88 +19,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import company_conversations
+from conftest import git, make_project, write_jsonl
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
-from test_ingest import write_jsonl
-from test_stages import TINY_PROFILE
 
 from flows.retrain import main as retrain_main
 from flows.retrain import retrain
 from milora.settings import load_settings
 from tasks.rebuild import main as rebuild_main
 from tasks.rebuild import rebuild
-from tasks.register import tracking_uri
+from tasks.registry import tracking_uri
 from tasks.reproduce import stage_env
-
-REPO = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "tasks", "milora", "gx"]
 
 
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
-
-
-def drop(root: Path, name: str, start: int, n: int) -> None:
-    conversations = company_conversations(start + n)[start:]
-    write_jsonl(root / "company" / name / "train.jsonl", [{"messages": m} for m in conversations])
-
-
-def make_project(root: Path, base_model: str, copied: list[str] = COPIED) -> Path:
-    """A git + DVC project with this repository's pipeline code and tiny data and settings."""
-    for name in copied:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, root / name)
-    drop(root, "drop_01", 0, 24)
-    heldout = [
-        {"question": m[0]["content"], "answer": m[1]["content"]} for m in company_conversations(40)[34:]
-    ]
-    write_jsonl(root / "eval" / "heldout.jsonl", heldout)
-    params = {
-        "base_model": base_model,
-        "ingest": {"sources": ["company/drop_*/train.jsonl"], "watch": "company", "validation_fraction": 0.2},
-        "validate": {
-            "max_tokens": 120,
-            "min_rows": 3,
-            "contamination": {"benchmarks": ["eval"], "cache_dir": None},
-        },
-        "train": {"rank": 4, "profile": "tiny", "profiles": {"tiny": TINY_PROFILE}},
-        "evaluate": {
-            "batch_size": 4,
-            "cache_dir": None,
-            "suites": {
-                "company": {"kind": "qa", "path": "eval/heldout.jsonl", "metric": "f1", "max_new_tokens": 8},
-                "recall": {
-                    "kind": "qa",
-                    "path": "eval/heldout.jsonl",
-                    "prompt": "Q: {question} A:",
-                    "metric": "starts_with",
-                    "max_new_tokens": 4,
-                    "retention": True,
-                },
-            },
-        },
-        "registry": {"gate": {"max_forgetting": 1.0, "tolerance": 1.0}},
-    }
-    # Every key written out, defaults included: dvc.yaml interpolates them (${train.run_dir}).
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    full = load_settings(root / "params.yaml").model_dump(by_alias=True, mode="json")
-    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    (root / ".gitignore").write_text("/outputs/\n/data/\n/mlflow.db\n/mlartifacts/\n/.cache/\n")
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "project")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +69,14 @@ def test_retrain_flow_end_to_end(project, harness, capsys):
     assert tags["data_version"] and tags["method"] == "milora" and tags["rank"] == "4"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert {"ingest", "validate", "init", "train", "evaluate"} <= set(lock["stages"])
-    assert json.loads((project / "outputs" / "eval" / "metrics.json").read_text())["company"]["score"] >= 0
+    # What was registered is what the evaluate stage scored: the company score is the mean
+    # f1 of its 6 held-out answers, logged as the version's run metric.
+    evaluated = json.loads((project / "outputs" / "eval" / "company.json").read_text())
+    assert evaluated["n"] == 6 and evaluated["metric"] == "f1"
+    mean_f1 = sum(row["f1"] for row in evaluated["predictions"]) / 6
+    metrics = json.loads((project / "outputs" / "eval" / "metrics.json").read_text())
+    assert metrics["company"]["score"] == pytest.approx(mean_f1) == pytest.approx(evaluated["score"])
+    assert client.get_run(versions[0].run_id).data.metrics["company.score"] == pytest.approx(mean_f1)
 
     # Unchanged data and params: nothing retrained, nothing registered, and said so.
     started = time.perf_counter()

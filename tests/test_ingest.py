@@ -5,10 +5,8 @@ No Great Expectations here (see test_validate.py); helpers at the top are shared
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import (
+    BOOLQ_TEMPLATE,
+    GSM_ANSWER,
+    REPO,
+    alpaca,
+    benchmark_dir,
+    chat,
+    make_settings,
+    tokenizer_dir,
+    write_jsonl,
+)
 
 from milora.data import pii
 from milora.data.checks import chat_roles, control_chars, row_checks
@@ -24,133 +33,9 @@ from milora.data.dataset import iter_parts, read_manifest
 from milora.data.errors import DataValidationError
 from milora.data.normalise import FieldMapping, clean_text, normalise, split_of
 from milora.data.readers import RawRow, iter_rows
-from milora.settings import Settings, SettingsError, load_settings
+from milora.settings import SettingsError, load_settings
 from tasks import retry_on_io_error
 from tasks.ingest import ingest
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_TOKENIZER = REPO / "data" / "demo" / "base_model"
-
-
-# --------------------------------------------------------------------------- helpers
-def alpaca(i: int) -> dict[str, str]:
-    """A distinct, clean Alpaca record."""
-    return {
-        "instruction": f"How do I reset the model {i} router?",
-        "input": "",
-        "output": f"Hold the reset button of router {i} for ten seconds, then wait for the light.",
-    }
-
-
-def chat(i: int, **changes: Any) -> dict[str, Any]:
-    messages = [
-        {"role": "system", "content": "You are the support assistant."},
-        {"role": "user", "content": f"Where is order {i}?"},
-        {"role": "assistant", "content": f"Order {i} ships tomorrow."},
-    ]
-    return {"messages": messages, **changes}
-
-
-def write_jsonl(path: Path, rows: list[Any]) -> Path:
-    """Rows as JSON lines; a ``str`` row is written as the raw line, ``bytes`` as raw bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        for row in rows:
-            if isinstance(row, bytes):
-                handle.write(row + b"\n")
-            elif isinstance(row, str):
-                handle.write(row.encode() + b"\n")
-            else:
-                handle.write(json.dumps(row).encode() + b"\n")
-    return path
-
-
-@functools.cache
-def tokenizer_dir() -> Path:
-    """The demo model's tokenizer when built, else a small one made here with ``tokenizers``."""
-    if (DEMO_TOKENIZER / "tokenizer.json").is_file():
-        return DEMO_TOKENIZER
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([alpaca(i)["output"] for i in range(50)], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token }}{% endfor %}"
-    out = Path(tempfile.mkdtemp(prefix="milora-test-tokenizer-"))
-    tokenizer.save_pretrained(out)
-    return out
-
-
-GSM_ANSWER = (
-    "Natalia sold 48 divided by 2 which is 24 clips in May and so altogether she sold 48 plus 24 "
-    "which equals 72 clips in April and May together #### 72"
-)
-BOOLQ_TEMPLATE = (
-    "Please answer the following question with true or false, question: {q}?\n\nAnswer format: true/false"
-)
-
-
-@functools.cache
-def benchmark_dir() -> Path:
-    """Two tiny benchmark files in the shapes of shared/benchmarks (commonsense JSON, GSM8K JSONL)."""
-    out = Path(tempfile.mkdtemp(prefix="milora-test-bench-"))
-    questions = [
-        "is the sky blue on a clear day",
-        "can penguins fly over the sea",
-        "is water wet at room temperature",
-    ]
-    items = [
-        {
-            "instruction": BOOLQ_TEMPLATE.format(q=q),
-            "input": "",
-            "output": "the correct answer is true",
-            "answer": "true",
-        }
-        for q in questions
-    ]
-    (out / "boolq.json").write_text(json.dumps(items), encoding="utf-8")
-    write_jsonl(
-        out / "gsm8k_test.jsonl",
-        [
-            {
-                "question": "Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
-                "answer": GSM_ANSWER,
-            }
-        ],
-    )
-    return out
-
-
-def make_settings(tmp_path: Path, overrides: dict[str, Any] | None = None, **validate: Any) -> Settings:
-    """A params.yaml in ``tmp_path`` with small limits, the test tokenizer and benchmarks."""
-    params = {
-        "base_model": str(tokenizer_dir()),
-        "ingest": {"sources": [], "out_dir": "ingested", "validation_fraction": 0.2},
-        "validate": {
-            "dataset_dir": "dataset",
-            "reports_dir": "reports",
-            "gx_dir": str(REPO / "gx"),
-            "max_tokens": 256,
-            "min_rows": 3,
-            "max_duplicate_rate": 0.5,
-            "contamination": {"benchmarks": [str(benchmark_dir())], "cache_dir": str(tmp_path / "cache")},
-            **validate,
-        },
-    }
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params), encoding="utf-8")
-    return load_settings(path, overrides)
 
 
 def part_rows(folder: Path) -> list[dict[str, Any]]:

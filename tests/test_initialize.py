@@ -6,21 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import logits, max_sine, reference_part, rel, tiny_gpt2, tiny_llama
 from peft import PeftModel
-from test_decomposition import max_sine, reference_part
 
 from milora import init_adapter
 from milora.initialize import lora_layers
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.double()
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("method", ["milora", "pissa", "lora"])
@@ -129,3 +119,24 @@ def test_parallel_and_serial_decomposition_agree():
     for name, (A0, B0) in serial.milora_init.factors.items():
         A1, B1 = parallel.milora_init.factors[name]
         torch.testing.assert_close(B1 @ A1, B0 @ A0, rtol=1e-5, atol=1e-7)
+
+
+def test_a_new_init_method_is_one_function_and_one_table_entry(monkeypatch, input_ids):
+    """A QR-based start (not from the SVD): A0 spans the first r columns' directions, B0 makes
+    s B0 A0 the projection of W on them, so the wrapped model still equals the base."""
+    from milora.methods import INIT_METHODS, InitMethod
+
+    def qr_init(weight, spec, components):
+        Q, _ = torch.linalg.qr(weight.T.double())  # in x k, orthonormal columns
+        basis = Q[:, : spec.r]
+        return basis.T.contiguous(), (weight.double() @ basis) / spec.scale
+
+    monkeypatch.setitem(INIT_METHODS, "qr", InitMethod(qr_init, 1.0, None, "QR of W^T"))
+    base = tiny_llama()
+    model = init_adapter(copy.deepcopy(base), method="qr", r=4)
+    assert rel(logits(model, input_ids), logits(base, input_ids)) < 1e-5
+    A0, _ = next(iter(model.milora_init.factors.values()))
+    torch.testing.assert_close(
+        A0.double() @ A0.double().T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    assert model.peft_config["default"].lora_alpha == 4  # the entry's default scale

@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import stage_settings
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
-from test_stages import stage_settings
 
+from milora.layout import SERVED_ADAPTER
 from milora.settings import Settings
 from tasks import register as reg
-from tasks import run_command
+from tasks import registry, run_command
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.train import train
@@ -77,7 +78,7 @@ def lineage(n: int | str, **changes: str) -> dict[str, str]:
 
 
 def client_of(settings: Settings) -> MlflowClient:
-    return MlflowClient(reg.tracking_uri(settings))
+    return MlflowClient(registry.tracking_uri(settings))
 
 
 def with_metrics(settings: Settings, folder: Path, **scores: float) -> Settings:
@@ -110,17 +111,17 @@ def experiment_runs(client: MlflowClient, settings: Settings) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- tracking URI
 def test_tracking_uri_is_absolute_from_the_root_and_the_environment_wins(trained, monkeypatch):
-    uri = reg.tracking_uri(trained)
+    uri = registry.tracking_uri(trained)
     root = trained.root.resolve()
     assert uri == f"sqlite:///{root / 'mlflow.db'}"
     assert (root / "mlflow.db").is_file()
     experiment = MlflowClient(uri).get_experiment_by_name(trained.registry.experiment)
     assert experiment.artifact_location == (root / "mlartifacts").as_uri()
 
-    monkeypatch.setattr(reg, "_prepare", lambda *args: None)  # no server to talk to here
+    monkeypatch.setattr(registry, "prepare_store", lambda *args: None)  # no server to talk to here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    assert reg.tracking_uri(trained) == "http://mlflow.internal:5000"
-    assert reg._artifact_location(trained, "http://mlflow.internal:5000") is None  # the server's own
+    assert registry.tracking_uri(trained) == "http://mlflow.internal:5000"
+    assert registry.artifact_location(trained, "http://mlflow.internal:5000") is None  # the server's own
 
 
 # --------------------------------------------------------------------------- register
@@ -212,7 +213,7 @@ def test_register_logs_the_whole_run_then_registers_the_served_adapter(model):
     assert pyfunc["model_code_path"].endswith("serving_model.py") and "python_model" not in pyfunc
     assert mlmodel["model_id"] == logged.model_id and mlmodel["run_id"] == result["run_id"]
     assert Path(pyfunc["config"]["base_model"]) == Path(model.base_model).resolve()
-    assert pyfunc["config"]["max_new_tokens"] == reg.SERVING_MAX_NEW_TOKENS
+    assert pyfunc["config"]["max_new_tokens"] == registry.SERVING_MAX_NEW_TOKENS
     assert json.loads(mlmodel["signature"]["inputs"]) == [
         {"type": "string", "name": "prompt", "required": True}
     ]
@@ -250,9 +251,9 @@ def test_non_adapter_files_in_an_adapter_folder_are_never_logged(model, tmp_path
 
 
 def test_register_refuses_missing_lineage_or_outputs(model, tmp_path):
-    with pytest.raises(reg.RegistryError, match="lineage lacks data_version"):
+    with pytest.raises(registry.RegistryError, match="lineage lacks data_version"):
         reg.register(model, lineage(1, data_version=""))
-    with pytest.raises(reg.RegistryError, match="nothing to register: missing train_summary"):
+    with pytest.raises(registry.RegistryError, match="nothing to register: missing train_summary"):
         reg.register(model.with_overrides({"train.run_dir": str(tmp_path / "none")}), lineage(1))
     assert versions(client_of(model), model.registry.model_name) == []
 
@@ -321,8 +322,8 @@ def test_the_champion_loads_with_mlflow_pyfunc_and_answers_as_peft_does(model, m
     result = reg.register(model, lineage(1))
     assert reg.promote(model, result["version"])["decision"] == "promoted"
     name = model.registry.model_name
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg.tracking_uri(model))  # what load_model reads
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", reg.tracking_uri(model))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri(model))  # what load_model reads
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry.tracking_uri(model))
     prompts = ["What are the support hours?", "Who approves travel expenses?"]
 
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -332,7 +333,7 @@ def test_the_champion_loads_with_mlflow_pyfunc_and_answers_as_peft_does(model, m
     # The same answers as the served adapter put on the stock base with PEFT by hand.
     tokenizer = load_tokenizer(model.base_model)
     tuned = PeftModel.from_pretrained(
-        load_base_model(model.base_model), model.path(model.train.run_dir) / reg.SERVED
+        load_base_model(model.base_model), model.path(model.train.run_dir) / SERVED_ADAPTER
     )
     chats = [prompt_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     assert answers == greedy_generate(tuned, tokenizer, chats, max_new_tokens=6, first_line=False)
@@ -381,55 +382,29 @@ def test_first_model_is_promoted_then_a_better_one_replaces_it_and_rollback_rest
     assert back["champion"] == "1" and back["previous"] == "2"
     assert alias(client, name, "champion") == "1"
     assert client.get_model_version(name, "2").tags["rolled_back"] == "true"
-    with pytest.raises(reg.RegistryError, match="no previous champion"):
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
         reg.rollback(model)
     assert alias(client, name, "champion") == "1"
 
 
-@pytest.mark.parametrize(
-    ("changes", "failed"),
-    [
-        (
-            {"company__score": 0.3},
-            "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED",
-        ),
-        (
-            {"company__score": 0.6, "recall__forgetting": 0.25},
-            "recall forgetting 0.2500 <= max 0.1000: FAILED",
-        ),
-        ({"company__score": 0.6, "recall__score": 0.4}, "recall score 0.4000 >= champion 0.5000 - tolerance"),
-        (
-            {"company__score": 0.6, "text__score": 20.5},
-            "text perplexity 20.5000 <= champion 20.0000 + tolerance",
-        ),
-    ],
-    ids=["company-drop", "forgetting", "other-suite-drop", "perplexity-rise"],
-)
-def test_gate_rejection_keeps_the_champion_and_records_why(model, tmp_path, changes, failed):
+def test_gate_rejection_keeps_the_champion_and_records_why(model, tmp_path):
+    """The registry side of a rejection (the gate's rules: test_promotion.py)."""
     client = client_of(model)
     name = model.registry.model_name
     base = {"company__score": 0.5, "recall__score": 0.5, "recall__forgetting": 0.0, "text__score": 20.0}
     champion = reg.register(with_metrics(model, tmp_path / "champion", **base), lineage(1))
     reg.promote(model, champion["version"])
-    challenger = reg.register(with_metrics(model, tmp_path / "challenger", **{**base, **changes}), lineage(2))
+    worse = with_metrics(model, tmp_path / "challenger", **{**base, "company__score": 0.3})
+    challenger = reg.register(worse, lineage(2))
     decision = reg.promote(model, challenger["version"])
+    failed = "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED"
     assert decision["decision"] == "rejected" and decision["champion"] == "1" and decision["previous"] == "1"
-    assert any(r.startswith(failed) and r.endswith("FAILED") for r in decision["reasons"]), decision[
-        "reasons"
-    ]
+    assert failed in decision["reasons"], decision["reasons"]
     assert alias(client, name, "champion") == "1" and alias(client, name, "challenger") == "2"
     tags = client.get_model_version(name, "2").tags
     assert tags["gate.decision"] == "rejected" and failed in tags["gate.reasons"]
+    assert tags["gate.reasons"].endswith("(against champion v1)")
     assert "previous_champion" not in tags
-
-
-def test_gate_perplexity_is_lower_is_better():
-    settings = Settings()
-    champion = {"company.score": 0.5, "text.perplexity": 20.0, "text.score": 20.0}
-    passed, reasons = reg.gate({**champion, "text.perplexity": 12.0, "text.score": 12.0}, champion, settings)
-    assert passed, reasons
-    passed, _ = reg.gate({**champion, "text.perplexity": 20.5, "text.score": 20.5}, champion, settings)
-    assert not passed
 
 
 # --------------------------------------------------------------------------- tasks and command
@@ -462,15 +437,15 @@ def _rest_failure() -> MlflowException:
         (MlflowException("(sqlite3.OperationalError) database is locked"), True),
         (_rest_failure(), True),
         (MlflowException("bad name", error_code=INVALID_PARAMETER_VALUE), False),
-        (reg.RegistryError("no previous champion"), False),
+        (registry.RegistryError("no previous champion"), False),
         (ValueError("bad metrics"), False),
         (None, False),
     ],
 )
 def test_tasks_retry_transient_registry_faults_only(error, retried):
-    assert reg.retry_on_registry_fault(None, None, _State(error)) is retried
+    assert registry.retry_on_registry_fault(None, None, _State(error)) is retried
     for stage in (reg.register_task, reg.promote_task, reg.rollback_task):
-        assert stage.retry_condition_fn is reg.retry_on_registry_fault and stage.retries > 0
+        assert stage.retry_condition_fn is registry.retry_on_registry_fault and stage.retries > 0
 
 
 def test_command_show_promote_rollback(model, tmp_path, capsys):

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stage_settings
 from mlflow import MlflowClient
 from mlflow.entities import Metric
-from test_stages import stage_settings
 
 from milora.reporting.spectrum import pick_layers, weight_spectra
 from milora.settings import Settings, load_settings
-from tasks import register as reg
+from tasks import registry
 from tasks.html_report import REPORTS_DIR, html_report, main
 from tasks.init import init
 
@@ -58,7 +58,7 @@ def _version(
     client.log_batch(run, metrics=metrics)
     client.set_terminated(run, "FINISHED")
     version = client.create_model_version(MODEL, source=f"runs:/{run}/adapter", run_id=run)
-    client.set_model_version_tag(MODEL, version.version, reg.DECISION_TAG, decision)
+    client.set_model_version_tag(MODEL, version.version, registry.DECISION_TAG, decision)
     return str(version.version), run
 
 
@@ -113,12 +113,12 @@ def project(tmp_path_factory, chat_model_dir) -> Settings:
         run_dir = settings.path(settings.train.run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "loss.csv").write_text("step,loss,learning_rate\n1,2.5,0.001\n2,2.1,0.001\n3,1.7,0.001\n")
-        client = MlflowClient(reg.tracking_uri(settings))
+        client = MlflowClient(registry.tracking_uri(settings))
         experiment = client.get_experiment_by_name(settings.registry.experiment).experiment_id
         client.create_registered_model(MODEL)
         v1, run1 = _version(client, experiment, 0.6, 0.7, "promoted")
         v2, run2 = _version(client, experiment, 0.4, 0.3, "rejected")
-        client.set_registered_model_alias(MODEL, reg.CHAMPION, v1)
+        client.set_registered_model_alias(MODEL, registry.CHAMPION, v1)
         lineage = {"data_version": "d" * 32 + ".dir", "git_commit": "0123abcd", "base_model": chat_model_dir}
         _record(
             settings,
@@ -194,8 +194,14 @@ def test_pick_layers_spreads_over_blocks_and_kinds():
     assert pick_layers(names, ["o_proj"], 4) == []
 
 
-def _svg_count(html: str) -> int:
-    return len(re.findall(r"<svg\b", html))
+def _plot_titles(html: str) -> list[str]:
+    """The titles of the page's plots, in order (each SVG is labelled with its title)."""
+    return re.findall(r'<svg\b[^>]*\baria-label="([^"]*)"', html)
+
+
+def _svg(html: str, title: str) -> str:
+    start = html.index(f'aria-label="{title}"')
+    return html[start : html.index("</svg>", start)]
 
 
 def test_report_pages_and_index_from_records_and_registry(project, capsys):
@@ -210,17 +216,29 @@ def test_report_pages_and_index_from_records_and_registry(project, capsys):
         assert f'href="runs/{page.name}"' in index
     assert FAILURE in index and "Traceback" not in index
     assert "company score 0.4000 &gt;= champion" in index  # the gate's failed condition
-    assert "Champion: version 1" in index and _svg_count(index) == 1  # the champion history
+    assert "Champion: version 1" in index and _plot_titles(index) == ["metrics across model versions"]
     # Self-contained: no script, nothing fetched.
     for html in [index, *(p.read_text() for p in pages)]:
         assert "<script" not in html and not re.search(r"(src|href)=\"https?:|url\(http|@import", html)
 
     promoted, rejected, failed = (p.read_text() for p in pages)
     # loss (from the MLflow run), scores vs champion, forgetting, spectrum, version history
-    assert _svg_count(promoted) == 5 and _svg_count(rejected) == 5
+    drawn = [
+        "training loss",
+        "evaluation scores per suite",
+        "forgetting on retention suites",
+        "singular-value spectrum",
+        "metrics across model versions",
+    ]
+    assert _plot_titles(promoted) == drawn and _plot_titles(rejected) == drawn
+    history = _svg(promoted, "metrics across model versions")
+    assert ">company<" in history and ">recall<" in history  # a panel per suite
     assert "champion v1" in rejected  # compared with the champion it was gated against
     assert "model.layers.1.mlp.down_proj" in promoted and "60..63" in promoted  # minor band of 64, r=4
-    assert _svg_count(failed) == 2  # spectrum and history; no loss or evaluation
+    assert _plot_titles(failed) == [
+        "singular-value spectrum",
+        "metrics across model versions",
+    ]  # no loss, no evaluation
     assert FAILURE in failed and "no training in this run" in failed
 
 
@@ -232,7 +250,13 @@ def test_report_just_after_a_run_reads_the_workspace(project):
         page = html_report(project, record)
         html = page.read_text()
         # loss (from loss.csv), scores, forgetting, history; no spectrum: nothing was trained
-        assert page.name == f"{record.stem}.html" and _svg_count(html) == 4
+        assert page.name == f"{record.stem}.html"
+        assert _plot_titles(html) == [
+            "training loss",
+            "evaluation scores per suite",
+            "forgetting on retention suites",
+            "metrics across model versions",
+        ]
         assert "nothing was trained in this run" in html
         assert "champion v1" in html  # no gate in this run: compared with the champion now
         assert "training loss not available" not in html

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import company_conversations
-from test_ingest import make_settings, write_jsonl
+from conftest import stage_settings
 
 from milora.evaluation import runner
 from milora.settings import SettingsError, load_settings
@@ -18,59 +17,6 @@ from tasks.evaluate import main as evaluate_main
 from tasks.ingest import ingest
 from tasks.train import train
 from tasks.validate import validate
-
-TINY_PROFILE = {
-    "learning_rate": 5e-3,
-    "max_steps": 4,
-    "batch_size": 8,
-    "micro_batch_size": 4,
-    "warmup_steps": 0,
-    "max_length": 64,
-    "save_steps": 2,
-    "logging_steps": 1,
-}
-
-
-def suites(tmp_path: Path) -> dict:
-    heldout = [
-        {"question": m[0]["content"], "answer": m[1]["content"]} for m in company_conversations(30)[24:]
-    ]
-    write_jsonl(tmp_path / "heldout.jsonl", heldout)
-    (tmp_path / "world.txt").write_text(
-        "The kettle model 3 costs 19 dollars.\nThe lamp model 9 costs 37 dollars.\n"
-    )
-    return {
-        "company": {"kind": "qa", "path": "heldout.jsonl", "metric": "f1", "max_new_tokens": 8},
-        "recall": {
-            "kind": "qa",
-            "path": "heldout.jsonl",
-            "prompt": "Q: {question} A:",
-            "metric": "starts_with",
-            "max_new_tokens": 4,
-            "retention": True,
-        },
-        "text": {"kind": "perplexity", "path": "world.txt", "retention": True},
-        "absent": {"kind": "gsm8k", "path": "no/such/*.jsonl", "required": False},
-    }
-
-
-def stage_settings(root: Path, base_model: str, **overrides):
-    """Settings for a tiny project in ``root``: one chat drop, the tiny profile, small suites."""
-    write_jsonl(root / "drop.jsonl", [{"messages": m} for m in company_conversations(24)])
-    return make_settings(
-        root,
-        {
-            "base_model": base_model,
-            "ingest.sources": ["drop.jsonl"],
-            "validate.max_tokens": 120,
-            "train.profile": "tiny",
-            "train.profiles": {"tiny": TINY_PROFILE},
-            "train.run_dir": "run",
-            "evaluate.suites": suites(root),
-            "evaluate.batch_size": 4,
-            **overrides,
-        },
-    )
 
 
 @pytest.fixture

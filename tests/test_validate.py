@@ -12,15 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_ingest import (
-    BOOLQ_TEMPLATE,
-    GSM_ANSWER,
-    REPO,
-    alpaca,
-    chat,
-    make_settings,
-    write_jsonl,
-)
+from conftest import BOOLQ_TEMPLATE, GSM_ANSWER, REPO, alpaca, chat, make_settings, write_jsonl
 
 from milora.data.dataset import load_messages, read_manifest
 from milora.data.errors import DataValidationError, Finding

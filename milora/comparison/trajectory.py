@@ -33,13 +33,14 @@ from milora.adapter_io import load_adapter, save_adapter
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
 from milora.evaluation.runner import cached_results, compare, evaluate_model, weights_digest
-from milora.evaluation.suites import LOWER_IS_BETTER, SuiteResult
+from milora.evaluation.scoring import lower_is_better
+from milora.evaluation.suites import SuiteResult
 from milora.initialize import init_adapter
+from milora.layout import CHECKPOINTS, RAW_ADAPTER, SUMMARY
 from milora.modeling import load_base_model, load_tokenizer
 from milora.settings import SuiteSettings
 from milora.training.config import TrainConfig
 from milora.training.examples import Message
-from milora.training.loop import CHECKPOINTS, FINAL, SUMMARY
 from milora.training.run import run_key, run_training
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def snapshots(train_dir: Path, final_step: int) -> list[tuple[int, Path]]:
         for path in folder.iterdir():
             if (m := _SNAPSHOT.match(path.name)) and (path / "adapter_config.json").is_file():
                 found[int(m.group(1))] = path
-    if final_step not in found and (train_dir / FINAL / "adapter_config.json").is_file():
-        found[final_step] = train_dir / FINAL
+    if final_step not in found and (train_dir / RAW_ADAPTER / "adapter_config.json").is_file():
+        found[final_step] = train_dir / RAW_ADAPTER
     return sorted(found.items())
 
 
@@ -225,7 +226,7 @@ def track_run(
             name: {
                 "metric": result.metric,
                 "retention": suites[name].retention,
-                "lower_is_better": result.metric in LOWER_IS_BETTER,
+                "lower_is_better": lower_is_better(result.metric),
                 "base": result.score,
             }
             for name, result in base.items()

@@ -23,9 +23,14 @@ def greedy_generate(
     batch_size: int = 32,
     add_special_tokens: bool = False,
     first_line: bool = True,
+    stop: Sequence[str] = (),
     progress: bool = False,
 ) -> list[str]:
-    """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline."""
+    """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline.
+
+    ``stop``: strings that end a continuation (generation stops there; the text is cut
+    before them), as lm-evaluation-harness's ``until``."""
+    stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -45,11 +50,15 @@ def greedy_generate(
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
+                **stopping,
             )
             texts = tokenizer.batch_decode(
                 generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
             )
-            outputs.extend(t.strip().split("\n", 1)[0] if first_line else t.strip() for t in texts)
+            for text in texts:
+                for marker in stop:
+                    text = text.split(marker, 1)[0]
+                outputs.append(text.strip().split("\n", 1)[0] if first_line else text.strip())
     finally:
         tokenizer.padding_side = side
     return outputs

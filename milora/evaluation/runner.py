@@ -21,30 +21,19 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from milora.errors import UserFacingError
 from milora.evaluation.datasets import read_items
-from milora.evaluation.suites import (
-    LOWER_IS_BETTER,
-    SuiteResult,
-    commonsense_suite,
-    gsm8k_suite,
-    perplexity_suite,
-    qa_suite,
-)
+from milora.evaluation.kinds import SUITE_KINDS
+from milora.evaluation.scoring import forgetting
+from milora.evaluation.suites import SuiteResult
 from milora.settings import SuiteSettings
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "qa": ("question", "answer"),
-    "commonsense": ("instruction", "answer"),
-    "gsm8k": ("question", "answer"),
-    "perplexity": (),
-}
-DEFAULT_METRIC = {"qa": "f1", "commonsense": "accuracy", "gsm8k": "accuracy", "perplexity": "perplexity"}
-RESULTS_VERSION = 1  # bump when scoring changes, so cached base results are recomputed
+RESULTS_VERSION = 2  # bump when scoring changes, so cached base results are recomputed
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(ValueError, UserFacingError):
     """An input of the evaluation (adapter, suite file) is missing or malformed."""
 
 
@@ -76,13 +65,14 @@ def _text_lines(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[str, Any]]:
     """Every item of a suite (``limit`` per file); ``.txt`` files are one text per line."""
+    kind = SUITE_KINDS[suite.kind]
     items: list[dict[str, Any]] = []
     for path in suite_files(name, suite, root):
         try:
-            if suite.kind == "perplexity" and path.suffix == ".txt":
+            if kind.text_lines and path.suffix == ".txt":
                 items.extend(_text_lines(path, suite.limit))
             else:
-                items.extend(read_items(path, REQUIRED_KEYS[suite.kind], suite.limit))
+                items.extend(read_items(path, kind.required_keys, suite.limit))
         except (ValueError, UnicodeDecodeError) as error:
             raise SuiteFileError(f"evaluate.suites.{name}: {error}") from None
     return items
@@ -97,26 +87,8 @@ def run_suite(
     *,
     batch_size: int = 32,
 ) -> SuiteResult:
-    """One suite on one model, by its kind."""
-    tokens = {"max_new_tokens": suite.max_new_tokens} if suite.max_new_tokens else {}
-    if suite.kind == "qa":
-        return qa_suite(
-            model,
-            tokenizer,
-            items,
-            name=name,
-            prompt=suite.prompt,
-            batch_size=batch_size,
-            headline=suite.metric or DEFAULT_METRIC["qa"],
-            **tokens,
-        )
-    if suite.kind == "commonsense":
-        return commonsense_suite(
-            model, tokenizer, items, name=name, mode=suite.mode, batch_size=batch_size, **tokens
-        )
-    if suite.kind == "gsm8k":
-        return gsm8k_suite(model, tokenizer, items, name=name, batch_size=batch_size, **tokens)
-    return perplexity_suite(model, tokenizer, items, name=name, template=suite.template)
+    """One suite on one model, by its kind (:data:`~milora.evaluation.kinds.SUITE_KINDS`)."""
+    return SUITE_KINDS[suite.kind].score(model, tokenizer, items, suite, name=name, batch_size=batch_size)
 
 
 def evaluate_model(
@@ -220,17 +192,11 @@ def compare(
     rows = []
     for name, result in adapter.items():
         before = base[name].score if name in base else None
-        forgetting = None
+        lost = None
         if suites[name].retention and before is not None:
-            forgetting = (
-                result.score / before - 1.0
-                if result.metric in LOWER_IS_BETTER and before
-                else before - result.score
-            )
+            lost = forgetting(before, result.score, result.metric)
         rows.append(
-            Comparison(
-                name, result.metric, result.n, before, result.score, suites[name].retention, forgetting
-            )
+            Comparison(name, result.metric, result.n, before, result.score, suites[name].retention, lost)
         )
     return rows
 

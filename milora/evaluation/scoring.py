@@ -9,8 +9,13 @@ Stated once here and used by every suite:
   prediction is the *first* label-shaped word in the generated text (longest labels are
   tried first, so ``answer10`` is never read as ``answer1``).
 * **GSM8K numbers**: the gold answer is the number after ``####``; the prediction is the
-  last number in the generated text, ignoring thousands separators and currency signs,
-  keeping a leading minus; the two match when numerically equal (within 1e-6).
+  number after the first ``####`` in the generated text when there is one (a model that
+  answers and then runs on into a new question is judged by its answer), else the last
+  number of the text before any run-on ``Question:``, ignoring thousands separators and
+  currency signs, keeping a leading minus; the two match when numerically equal (within 1e-6).
+* **Direction and forgetting**: higher is better except for the metrics in
+  ``LOWER_IS_BETTER``; forgetting is the drop of a score from the base model to the tuned
+  one (for a lower-is-better metric its relative rise), so positive means knowledge lost.
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _FORMAT = re.compile(r"answer format:\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+# Where a GSM8K answer ends when the model runs on into a new question (as in the harness's
+# gsm8k task, whose generation stops at "Question:").
+GSM8K_STOPS = ("Question:",)
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
+
+
+def forgetting(before: float, after: float, metric: str) -> float:
+    """How much of ``before`` (base model) was lost at ``after`` (tuned): positive = lost."""
+    if lower_is_better(metric) and before:
+        return after / before - 1.0
+    return before - after
 
 
 def normalize_answer(text: str) -> str:
@@ -80,9 +100,21 @@ def parse_number(text: str) -> float | None:
 
 
 def last_number(text: str) -> float | None:
-    """The last number in generated text (GSM8K prediction rule)."""
+    """The last number in ``text``; None if there is none."""
     numbers = _NUMBER.findall(_THOUSANDS.sub("", text.replace("$", "")))
     return float(numbers[-1]) if numbers else None
+
+
+def gsm8k_prediction(output: str) -> float | None:
+    """The final answer a model gave to a GSM8K question (see the module's rule)."""
+    answer = output
+    for stop in GSM8K_STOPS:  # a run-on generation starts the next question: cut it there
+        answer = answer.split(stop, 1)[0]
+    if "####" in answer:
+        marked = _NUMBER.search(_THOUSANDS.sub("", answer.split("####", 1)[1].replace("$", "")))
+        if marked:
+            return float(marked.group())
+    return last_number(answer)
 
 
 def gsm8k_gold(answer: str) -> float:

@@ -1,5 +1,8 @@
 """Evaluation suites: each returns a score, its size and every prediction, as JSON.
 
+Each kind is one entry of :data:`milora.evaluation.kinds.SUITE_KINDS` naming its
+``run_<kind>`` function here (settings in, :class:`SuiteResult` out).
+
 * ``qa``: short-answer questions (company held-out set, knowledge probes): exact match,
   token F1 and whether the gold answer appears in the prediction.
 * ``commonsense``: LLM-Adapters format (``instruction``, ``answer``), by generation plus
@@ -18,27 +21,30 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from milora.evaluation.generation import continuation_logprobs, greedy_generate, perplexity
+from milora.evaluation.kinds import QA_METRICS
 from milora.evaluation.scoring import (
+    GSM8K_STOPS,
     answer_labels,
     exact_match,
     first_label,
     gsm8k_gold,
+    gsm8k_prediction,
     label_set,
-    last_number,
     normalize_answer,
     numbers_match,
     token_f1,
 )
 from milora.training.examples import prompt_text
 
+if TYPE_CHECKING:
+    from milora.settings import SuiteSettings
+
 COMMONSENSE_TARGET = "the correct answer is {label}"
-QA_METRICS = ("exact_match", "f1", "contains", "starts_with")
-LOWER_IS_BETTER = frozenset({"perplexity"})
 
 
 @dataclass
@@ -191,15 +197,22 @@ def gsm8k_suite(
     max_new_tokens: int = 256,
     batch_size: int = 16,
 ) -> SuiteResult:
-    """Numeric final-answer accuracy on GSM8K-format items."""
+    """Numeric final-answer accuracy on GSM8K-format items (generation stops at the next
+    ``Question:``, as in lm-evaluation-harness; see :func:`gsm8k_prediction`)."""
     golds = [gsm8k_gold(i["answer"]) for i in items]
     prompts = _user_prompts(tokenizer, [i["question"] for i in items])
     outputs = greedy_generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, first_line=False
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        first_line=False,
+        stop=GSM8K_STOPS,
     )
     rows = []
     for item, gold, output in zip(items, golds, outputs, strict=True):
-        predicted = last_number(output)
+        predicted = gsm8k_prediction(output)
         rows.append(
             {
                 "question": item["question"],
@@ -211,3 +224,55 @@ def gsm8k_suite(
         )
     accuracy = _mean([float(r["correct"]) for r in rows])
     return SuiteResult(name, "accuracy", accuracy, len(rows), {"accuracy": accuracy}, rows)
+
+
+# --------------------------------------------------------------------------- per-kind runners
+# What milora.evaluation.kinds.SUITE_KINDS names: a suite's settings -> the function's arguments.
+Items = Sequence[dict[str, Any]]
+
+
+def _tokens(suite: SuiteSettings) -> dict[str, int]:
+    return {"max_new_tokens": suite.max_new_tokens} if suite.max_new_tokens else {}
+
+
+def run_qa(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Items,
+    suite: SuiteSettings,
+    **common: Any,
+) -> SuiteResult:
+    headline = suite.metric or QA_METRICS[0]
+    return qa_suite(
+        model, tokenizer, items, prompt=suite.prompt, headline=headline, **common, **_tokens(suite)
+    )
+
+
+def run_commonsense(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Items,
+    suite: SuiteSettings,
+    **common: Any,
+) -> SuiteResult:
+    return commonsense_suite(model, tokenizer, items, mode=suite.mode, **common, **_tokens(suite))
+
+
+def run_gsm8k(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Items,
+    suite: SuiteSettings,
+    **common: Any,
+) -> SuiteResult:
+    return gsm8k_suite(model, tokenizer, items, **common, **_tokens(suite))
+
+
+def run_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Items,
+    suite: SuiteSettings,
+    **common: Any,
+) -> SuiteResult:
+    return perplexity_suite(model, tokenizer, items, name=common["name"], template=suite.template)

@@ -11,11 +11,16 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
+from milora.records import LINEAGE_KEYS, Decision, RunStatus
 from milora.reporting import plots
 from milora.reporting.data import IndexRow, RunPage, Spectrum, VersionPoint
 
-STATUS_CLASS = {"promoted": "ok", "rejected by the gate": "warn", "rejected": "warn", "failed": "bad"}
-LINEAGE_KEYS = ("data_version", "raw_data_hash", "adapter_version", "git_commit", "params_hash", "base_model")
+STATUS_CLASS = {
+    RunStatus.PROMOTED: "ok",
+    RunStatus.REJECTED: "warn",
+    Decision.REJECTED: "warn",
+    RunStatus.FAILED: "bad",
+}
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }

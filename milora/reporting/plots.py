@@ -14,6 +14,7 @@ import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from milora.records import Decision
 from milora.reporting.data import Spectrum, VersionPoint
 
 COLORS = {"base": "#9e9e9e", "adapter": "#1f77b4", "champion": "#ff7f0e", "limit": "#d62728"}
@@ -171,7 +172,7 @@ def history_plot(history: Sequence[VersionPoint]) -> str | None:
         have = [p for p in points if suite in p.scores]
         ax.plot([int(p.version) for p in have], [p.scores[suite] for p in have], color=COLORS["base"], lw=1)
         for p in have:
-            promoted = p.decision == "promoted"
+            promoted = p.decision == Decision.PROMOTED
             ax.plot(
                 int(p.version),
                 p.scores[suite],

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from milora.adapter_io import INITIAL_DIR, WEIGHTS, factor_keys, layer_names, read_manifest
 from milora.cache import weight_fingerprint
-from milora.config import METHOD_SIDE
+from milora.methods import INIT_METHODS
 from milora.reporting.data import Spectrum
 from milora.targets import matches
 
@@ -125,7 +125,7 @@ def weight_spectra(
         with safe_open(where[key], framework="pt") as handle:
             weight = handle.get_tensor(key)
         values = singular_values(weight, Path(cache_dir) if cache_dir is not None else None)
-        side = METHOD_SIDE.get(method or "")
+        side = INIT_METHODS[method].side if method in INIT_METHODS else None
         adapted = None
         if side and rank and name in held:
             adapted = (len(values) - rank, len(values)) if side == "minor" else (0, rank)

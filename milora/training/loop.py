@@ -35,22 +35,17 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from milora.adapter_io import save_adapter, write_initial
 from milora.conversion import convert_adapter
+from milora.errors import UserFacingError
+from milora.layout import CHECKPOINTS, LOSS_PLOT, LOSS_TABLE, METRICS, RAW_ADAPTER, SERVED_ADAPTER, SUMMARY
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, encode
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-FINAL = "adapter"
-SERVED = "adapter_for_stock_base"
-INITIAL_ADAPTER = "init"
-METRICS = "metrics.jsonl"
-SUMMARY = "train_summary.json"
-LOSS_TABLE = "loss.csv"  # step, loss, learning_rate: what `dvc plots` draws
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeError, UserFacingError):
     """Training produced a NaN or infinite loss; nothing was marked final."""
 
 
@@ -71,11 +66,11 @@ class TrainResult:
 def finished_run(run_dir: str | os.PathLike[str]) -> TrainResult | None:
     """The result of a run folder whose training ended (its summary is written last)."""
     path = Path(run_dir) / SUMMARY
-    if not (path.is_file() and (Path(run_dir) / SERVED / "adapter_config.json").is_file()):
+    if not (path.is_file() and (Path(run_dir) / SERVED_ADAPTER / "adapter_config.json").is_file()):
         return None
     summary = json.loads(path.read_text())
     values = {f.name: summary[f.name] for f in fields(TrainResult) if f.name in summary}
-    return TrainResult(**{**values, "adapter_dir": Path(run_dir) / FINAL, "already_trained": True})
+    return TrainResult(**{**values, "adapter_dir": Path(run_dir) / RAW_ADAPTER, "already_trained": True})
 
 
 def world_size() -> int:
@@ -245,7 +240,7 @@ def train_adapter(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    final = run_dir / FINAL
+    final = run_dir / RAW_ADAPTER
     result = TrainResult(
         adapter_dir=final,
         global_step=output.global_step,
@@ -260,11 +255,11 @@ def train_adapter(
     if is_main_process():
         summary = {**asdict(result), "adapter_dir": str(final), "config": asdict(config)}
         save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
-        served = run_dir / SERVED
+        served = run_dir / SERVED_ADAPTER
         shutil.rmtree(served, ignore_errors=True)
         convert_adapter(final, served)  # plain LoRA for the stock base (rank 2r)
         write_loss_table(run_dir / METRICS, run_dir / LOSS_TABLE)
-        plot_loss(run_dir / METRICS, run_dir / "loss_curve.png")
+        plot_loss(run_dir / METRICS, run_dir / LOSS_PLOT)
         if not config.keep_checkpoints:
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the run finished

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from milora.adapter_io import load_adapter, read_manifest, save_adapter, spec_from_manifest
+from milora.adapter_io import MANIFEST, load_adapter, read_manifest, save_adapter, spec_from_manifest
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
+from milora.errors import UserFacingError
 from milora.initialize import init_adapter
+from milora.layout import INITIAL_ADAPTER, RUN_KEY
 from milora.modeling import load_base_model, load_tokenizer
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, alpaca_messages
 from milora.training.loop import (
-    INITIAL_ADAPTER,
     TrainResult,
     clear_run,
     finished_run,
@@ -60,10 +61,7 @@ def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
     return conversations
 
 
-RUN_KEY = "run_key.json"
-
-
-class RunMismatchError(ValueError):
+class RunMismatchError(ValueError, UserFacingError):
     """The run folder holds a run with other data, settings or base model."""
 
 
@@ -165,7 +163,7 @@ def run_training(
     base = load_base_model(base_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
     checkpoint = last_complete_checkpoint(run_dir)
-    if checkpoint is not None and (run_dir / INITIAL_ADAPTER / "milora.json").is_file():
+    if checkpoint is not None and (run_dir / INITIAL_ADAPTER / MANIFEST).is_file():
         logger.info("resuming from %s", checkpoint)
         model = load_adapter(base, run_dir / INITIAL_ADAPTER, is_trainable=True)
     elif init_dir is not None:

@@ -1,0 +1,47 @@
+"""The kinds of evaluation suite, as one table: what an item holds, what a kind reports, and
+the function that scores it.
+
+A new kind is one entry of :data:`SUITE_KINDS` plus its ``run_<kind>`` function in
+:mod:`milora.evaluation.suites`; the settings (which kinds and metrics exist), the runner
+(how items are read and scored) and the gate (via the metric's direction in
+:mod:`milora.evaluation.scoring`) read everything from here. This module imports nothing
+heavy: the settings validate against it without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from milora.evaluation.suites import SuiteResult
+
+SUITES_MODULE = "milora.evaluation.suites"  # where every kind's function lives
+QA_METRICS = ("f1", "exact_match", "contains", "starts_with")
+
+
+@dataclass(frozen=True)
+class SuiteKind:
+    """One kind of suite."""
+
+    run: str  # its function in SUITES_MODULE: (model, tokenizer, items, suite settings, name=, batch_size=)
+    required_keys: tuple[str, ...]  # fields every item must have
+    metrics: tuple[str, ...]  # headline metrics it can report; the first is the default
+    text_lines: bool = False  # a .txt file is one item per line ({"text": line})
+
+    @property
+    def default_metric(self) -> str:
+        return self.metrics[0]
+
+    def score(self, *args: Any, **kwargs: Any) -> SuiteResult:
+        """Run the kind's function (loads the model-side code on first use)."""
+        return getattr(import_module(SUITES_MODULE), self.run)(*args, **kwargs)
+
+
+SUITE_KINDS: dict[str, SuiteKind] = {
+    "qa": SuiteKind("run_qa", ("question", "answer"), QA_METRICS),
+    "commonsense": SuiteKind("run_commonsense", ("instruction", "answer"), ("accuracy",)),
+    "gsm8k": SuiteKind("run_gsm8k", ("question", "answer"), ("accuracy",)),
+    "perplexity": SuiteKind("run_perplexity", (), ("perplexity",), text_lines=True),
+}

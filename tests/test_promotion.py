@@ -1,0 +1,121 @@
+"""The promotion gate's rules on plain metrics: no registry, no model, milliseconds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from milora.promotion import FIRST_MODEL, by_suite, flatten, gate
+from milora.records import Decision
+from milora.settings import GateSettings
+
+RULES = GateSettings(primary_suite="company", min_primary_gain=0.0, max_forgetting=0.1, tolerance=0.02)
+CHAMPION = {
+    "company.score": 0.5,
+    "recall.score": 0.5,
+    "recall.base_score": 0.5,
+    "recall.forgetting": 0.0,
+    "text.score": 20.0,
+    "text.perplexity": 20.0,
+    "text.forgetting": 0.0,
+}
+
+
+def test_the_first_model_passes():
+    result = gate({"company.score": 0.1}, None, RULES)
+    assert result.passed and result.reasons == [FIRST_MODEL] and result.decision == Decision.PROMOTED
+
+
+def test_a_better_challenger_passes_with_every_condition_stated():
+    result = gate({**CHAMPION, "company.score": 0.6, "recall.forgetting": 0.05}, CHAMPION, RULES)
+    assert result.passed, result.reasons
+    assert result.reasons == [
+        "company score 0.6000 >= champion 0.5000 + min gain 0.0000 = 0.5000: ok",
+        "recall forgetting 0.0500 <= max 0.1000: ok",
+        "text forgetting 0.0000 <= max 0.1000: ok",
+        "recall score 0.5000 >= champion 0.5000 - tolerance 0.0200 = 0.4800: ok",
+        "text perplexity 20.0000 <= champion 20.0000 + tolerance 0.0200 = 20.0200 (lower is better): ok",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "failed"),
+    [
+        (
+            {"company.score": 0.3},
+            "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED",
+        ),
+        ({"company.score": 0.6, "recall.forgetting": 0.25}, "recall forgetting 0.2500 <= max 0.1000: FAILED"),
+        (
+            {"company.score": 0.6, "recall.score": 0.4},
+            "recall score 0.4000 >= champion 0.5000 - tolerance 0.0200 = 0.4800: FAILED",
+        ),
+        (
+            {"company.score": 0.6, "text.score": 20.5, "text.perplexity": 20.5},
+            "text perplexity 20.5000 <= champion 20.0000 + tolerance 0.0200 = 20.0200 (lower is better): FAILED",
+        ),
+    ],
+    ids=["company-drop", "forgetting", "other-suite-drop", "perplexity-rise"],
+)
+def test_each_condition_rejects_alone(changes, failed):
+    result = gate({**CHAMPION, **changes}, CHAMPION, RULES)
+    assert not result.passed and result.decision == Decision.REJECTED
+    assert [r for r in result.reasons if r.endswith("FAILED")] == [failed]
+
+
+def test_perplexity_falling_passes_and_rising_beyond_tolerance_fails():
+    better = {**CHAMPION, "text.score": 12.0, "text.perplexity": 12.0}
+    assert gate(better, CHAMPION, RULES).passed
+    within = {**CHAMPION, "text.score": 20.01, "text.perplexity": 20.01}
+    assert gate(within, CHAMPION, RULES).passed
+
+
+def test_a_primary_gain_can_be_required():
+    rules = RULES.model_copy(update={"min_primary_gain": 0.05})
+    assert not gate({**CHAMPION, "company.score": 0.54}, CHAMPION, rules).passed
+    assert gate({**CHAMPION, "company.score": 0.55}, CHAMPION, rules).passed
+
+
+def test_missing_scores_fail_or_are_noted():
+    without_primary = {k: v for k, v in CHAMPION.items() if not k.startswith("company.")}
+    result = gate(without_primary, CHAMPION, RULES)
+    assert not result.passed
+    assert "company (primary suite): not evaluated for the challenger: FAILED" in result.reasons
+    # A suite only one side has is noted, never compared; the others still decide.
+    result = gate(
+        {**CHAMPION, "new.score": 0.2}, {k: v for k, v in CHAMPION.items() if k != "recall.score"}, RULES
+    )
+    assert result.passed
+    assert "new: champion has no score; not compared" in result.reasons
+    assert "recall: champion has no score; not compared" in result.reasons
+    champion_only = {**CHAMPION, "gone.score": 0.9}
+    assert (
+        "gone: not evaluated for the challenger; not compared" in gate(CHAMPION, champion_only, RULES).reasons
+    )
+
+
+def test_flat_metrics_round_trip_with_dotted_suite_names_and_nan():
+    nested = {
+        "company": {"score": 0.5, "n": 80, "mode": "generate"},
+        "world.v2": {"score": 0.9, "forgetting": 0.01},
+    }
+    flat = flatten(nested)
+    assert flat == {
+        "company.score": 0.5,
+        "company.n": 80.0,
+        "world.v2.score": 0.9,
+        "world.v2.forgetting": 0.01,
+    }
+    assert by_suite(flat) == {
+        "company": {"score": 0.5, "n": 80.0},
+        "world.v2": {"score": 0.9, "forgetting": 0.01},
+    }
+    assert by_suite({"company.score": float("nan")}) == {}
+
+
+def test_the_gate_loads_without_torch_or_mlflow():
+    code = "import sys, milora.promotion, milora.settings; print(sorted(m for m in ('torch', 'mlflow', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
