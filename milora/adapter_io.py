@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from milora.atomic import atomic_directory, follow_umask
 from milora.config import AdapterSpec
 from milora.initialize import PEFT_PREFIX, InitialFactors, lora_layers, subtract_initial
 
@@ -84,6 +83,7 @@ def write_adapter(
 ) -> None:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS, metadata={"format": "pt"})
+    follow_umask(path / WEIGHTS)  # safetensors writes 0600
     (path / CONFIG).write_text(_config_text(config))
     if manifest is not None:
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -115,24 +115,16 @@ def save_adapter(
 ) -> Path:
     """Save the adapter, its initial factors and manifest; all or nothing.
 
-    Written into a temporary sibling and renamed into place, so an interrupted save never
-    leaves a half-written adapter where a reader would find one.
+    Written into a temporary sibling and renamed into place (:func:`milora.atomic.atomic_directory`),
+    so an interrupted save never leaves a half-written adapter where a reader would find one.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     state = initial_factors_of(model)  # fail before writing anything
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_initial(model, tmp, base_model=base_model, extra=extra)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     logger.info("saved %s adapter to %s", state.spec.method, out)
     return out
 

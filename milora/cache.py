@@ -18,6 +18,7 @@ import torch
 import xxhash
 from safetensors.torch import load_file, save_file
 
+from milora.atomic import follow_umask
 from milora.decomposition import Components
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class DecompositionCache:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            follow_umask(tmp)  # mkstemp's 0600 would hide the entry from other users
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -16,9 +16,17 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from milora.adapter_io import INITIAL_DIR, factor_keys, layer_names, read_adapter, read_manifest, save_adapter
+from milora.atomic import follow_umask
 from milora.cache import DecompositionCache
 from milora.config import DEFAULT_TARGETS, AdapterSpec
-from milora.conversion import compress_adapter, convert_adapter, merge_adapter, verify_adapter
+from milora.conversion import (
+    COMPRESSED_VS_SOURCE,
+    COMPRESSION_WARN_ERROR,
+    compress_adapter,
+    convert_adapter,
+    merge_adapter,
+    verify_adapter,
+)
 from milora.initialize import init_adapter
 from milora.inspection import spectrum_report
 from milora.modeling import load_base_model
@@ -95,11 +103,16 @@ def convert(
         return
     with tempfile.TemporaryDirectory() as tmp:
         converted = convert_adapter(adapter, Path(tmp) / "converted")
-        report = compress_adapter(converted, out, rank)
+        report = compress_adapter(converted, out, rank, source=adapter)
     console.print(
         f"plain LoRA compressed to r={rank} -> {out}; worst relative error of the update "
         f"{report.max_error:.3e}"
     )
+    if report.max_error > COMPRESSION_WARN_ERROR:
+        console.print(
+            f"[yellow]WARNING[/]: a relative error above {COMPRESSION_WARN_ERROR:g}: the compressed adapter "
+            "is a different model from the trained one; keep a higher --rank, or evaluate it before serving"
+        )
 
 
 @app.command()
@@ -114,6 +127,7 @@ def merge(
     model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     merged = merge_adapter(model, adapter)
     merged.save_pretrained(out, safe_serialization=True)
+    follow_umask(out)  # safetensors writes 0600: a serving user must be able to read it
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",
@@ -176,6 +190,9 @@ def verify(
     base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
     adapter: Annotated[Path, typer.Argument(help="adapter folder written by milora init or training")],
     tolerance: Annotated[float, typer.Option(help="largest relative logit difference allowed")] = 1e-4,
+    max_compression_error: Annotated[
+        float, typer.Option(help="a compressed adapter fails above this relative error of its update")
+    ] = COMPRESSION_WARN_ERROR,
     trust_remote_code: RemoteCode = False,
 ) -> None:
     """Check an adapter end to end on the stock base: reload, plain-LoRA conversion, merge.
@@ -194,6 +211,21 @@ def verify(
     if worst > tolerance:
         console.print(f"[red]FAILED[/]: {worst:.2e} > {tolerance:.0e}")
         raise typer.Exit(1)
+    manifest = read_manifest(adapter) or {}
+    if "compressed_max_error" in manifest:
+        update = float(manifest["compressed_max_error"])
+        said = (
+            f"compressed from r={manifest.get('compressed_from_rank')} to r={manifest.get('r')}: "
+            f"relative error of the update {update:.3e}"
+        )
+        if COMPRESSED_VS_SOURCE in report:
+            said += (
+                f", of the logits {report[COMPRESSED_VS_SOURCE]:.3e} against {manifest['compressed_from']}"
+            )
+        if update > max_compression_error:
+            console.print(f"[red]FAILED[/]: {said} > {max_compression_error:g}")
+            raise typer.Exit(1)
+        console.print(f"compressed: {said}")
     console.print(f"[green]OK[/]: conversion and merge agree within {tolerance:.0e}")
 
 

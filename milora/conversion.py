@@ -37,6 +37,11 @@ from milora.adapter_io import (
 logger = logging.getLogger(__name__)
 
 
+# A compressed update off its source by more than this (relative Frobenius error) is no longer
+# the model that was evaluated: said loudly by convert, compress and verify.
+COMPRESSION_WARN_ERROR = 0.1
+
+
 @dataclass(frozen=True)
 class CompressionReport:
     """Relative Frobenius error of the truncated update, per layer and worst case."""
@@ -116,30 +121,56 @@ def compress_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch
 
 
 def compress_adapter(
-    adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], rank: int
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    rank: int,
+    *,
+    source: str | os.PathLike[str] | None = None,
 ) -> CompressionReport:
-    """Truncate a plain LoRA adapter (e.g. a converted one) to ``rank``, keeping its scale."""
+    """Truncate a plain LoRA adapter (e.g. a converted one) to ``rank``, keeping its scale.
+
+    ``source``: the adapter the plain LoRA was converted from (default ``adapter_dir``),
+    recorded so ``verify`` can measure the compressed model against it."""
     trained, config = read_adapter(adapter_dir)
     manifest = read_manifest(adapter_dir) or {}
     if manifest.get("has_initial_factors"):
         raise ValueError(f"{adapter_dir} needs the residual base; convert it first (milora convert)")
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    scale = float(config["lora_alpha"]) / int(config["r"])
+    source_rank = int(config["r"])
+    scale = float(config["lora_alpha"]) / source_rank
     state: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     for name in layer_names(trained):
         key_a, key_b = factor_keys(name)
         state[key_a], state[key_b], errors[name] = compress_factors(trained[key_a], trained[key_b], rank)
     config = _lora_config(config, rank, scale * rank)
+    source = Path(source or adapter_dir).resolve()
     write_adapter(
         Path(out_dir),
         state,
         config,
-        {**manifest, "r": rank, "lora_alpha": scale * rank, "compressed_max_error": max(errors.values())},
+        {
+            **manifest,
+            "r": rank,
+            "lora_alpha": scale * rank,
+            "compressed_max_error": max(errors.values()),
+            "compressed_from": str(source),
+            "compressed_from_rank": source_rank,
+        },
     )
     report = CompressionReport(rank, errors)
-    logger.info("compressed to rank %d: worst relative error %.3g", rank, report.max_error)
+    if report.max_error > COMPRESSION_WARN_ERROR:
+        logger.warning(
+            "compressed to rank %d: worst relative error of the update %.3g is above %.2g: the compressed "
+            "adapter is a different model from %s (keep a higher rank, or evaluate it before serving)",
+            rank,
+            report.max_error,
+            COMPRESSION_WARN_ERROR,
+            source,
+        )
+    else:
+        logger.info("compressed to rank %d: worst relative error %.3g", rank, report.max_error)
     return report
 
 
@@ -148,13 +179,17 @@ def merge_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike[str]) ->
     return load_adapter(base_model, adapter_dir).merge_and_unload()
 
 
+COMPRESSED_VS_SOURCE = "compressed adapter vs its source"
+
+
 @torch.no_grad()
 def verify_adapter(
     load_base: Callable[[], nn.Module],
     adapter_dir: str | os.PathLike[str],
     input_ids: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Relative logit differences: base vs adapter, adapter vs converted LoRA, vs merged.
+    """Relative logit differences: base vs adapter, adapter vs converted LoRA, vs merged,
+    and, for an adapter ``compress_adapter`` wrote, the compressed one vs its source.
 
     ``load_base`` returns a fresh stock base each call (the adapter rewrites its weights).
     """
@@ -176,8 +211,12 @@ def verify_adapter(
             PeftModel.from_pretrained(load_base(), convert_adapter(adapter_dir, Path(tmp) / "lora"))
         )
     merged = logits(merge_adapter(load_base(), adapter_dir))
-    return {
+    report = {
         "base vs adapter": rel(adapted, reference),
         "adapter vs converted plain LoRA on stock base": rel(served, adapted),
         "adapter vs merged model": rel(merged, adapted),
     }
+    source = (read_manifest(adapter_dir) or {}).get("compressed_from")
+    if source and Path(source, "adapter_config.json").is_file():
+        report[COMPRESSED_VS_SOURCE] = rel(adapted, logits(load_adapter(load_base(), source)))
+    return report

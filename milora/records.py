@@ -15,10 +15,11 @@ class RunStatus:
     NOTHING_NEW = "nothing new"  # data, params and code unchanged: the version exists
     NO_NEW_DATA = "no new data"  # scheduled run stopped early: the champion's data
     FAILED = "failed"  # a stage or the registry failed: nothing registered
+    ROLLED_BACK = "rolled back"  # a person gave the champion alias back to the previous version
 
     UNTRAINED = (NOTHING_NEW, NO_NEW_DATA)  # runs that trained nothing
     OWN_OUTPUTS = (PROMOTED, REJECTED, NOTHING_NEW)  # the workspace holds this run's model
-    WITHOUT_EVALUATION = (NO_NEW_DATA, FAILED)  # no evaluation of this run to show
+    WITHOUT_EVALUATION = (NO_NEW_DATA, FAILED, ROLLED_BACK)  # no evaluation of this run to show
 
 
 class Decision:

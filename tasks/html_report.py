@@ -29,7 +29,7 @@ from milora.records import RunStatus
 from milora.reporting import IndexRow, RunPage, Spectrum, VersionPoint, render_index, render_run
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import parse_overrides, run_command, stage_task
-from tasks.registry import CHAMPION, DECISION_TAG, TRAIN_PREFIX, Registry, is_registry_error
+from tasks.registry import CHAMPION, DECISION_TAG, ROLLED_BACK, TRAIN_PREFIX, Registry, is_registry_error
 from tasks.report import RUNS_DIR
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def version_history(registry: Registry) -> list[VersionPoint]:
                 forgetting={suite: m["forgetting"] for suite, m in suites.items() if "forgetting" in m},
                 decision=version.tags.get(DECISION_TAG),
                 champion=champion is not None and champion.number == version.number,
+                rolled_back=bool(version.tags.get(ROLLED_BACK)),
                 created=version.created,
                 description=version.description,
             )
@@ -167,11 +168,14 @@ def run_page(
 # --------------------------------------------------------------------------- index
 def _reason(record: dict[str, Any]) -> str:
     if record.get("error"):
-        return str(record["error"]).strip().splitlines()[0][:300]
+        return str(record["error"]).strip()
     decision = record.get("decision") or {}
     failed = [r for r in decision.get("reasons") or [] if str(r).endswith("FAILED")]
     if failed:
         return "; ".join(failed)
+    if record.get("status") == RunStatus.ROLLED_BACK:
+        rolled = record.get("rollback") or {}
+        return f"champion v{rolled.get('previous', '?')} -> v{rolled.get('champion', '?')}"
     if record.get("status") == RunStatus.NO_NEW_DATA:
         return f"data unchanged since champion v{(record.get('champion') or {}).get('version', '?')}"
     return ""
@@ -224,9 +228,13 @@ def html_report(settings: Settings, record: str | Path | None = None, rebuild: b
     drawn = functools.cache(lambda: weight_spectra_of(settings))  # one base for all pages: once
 
     def spectra(data: dict[str, Any]) -> tuple[list[Spectrum], str | None]:
-        # A run that trained nothing adds no spectrum (and a no-op rerun stays quick).
-        if data.get("status") in RunStatus.UNTRAINED:
-            return [], f"no spectrum: nothing was trained in this run ({data.get('status')})"
+        # A run that trained nothing adds no spectrum (and a no-op rerun stays quick); a failed
+        # one only if it got as far as the init stage.
+        status = data.get("status")
+        if status in RunStatus.UNTRAINED or status == RunStatus.ROLLED_BACK:
+            return [], f"no spectrum: nothing was trained in this run ({status})"
+        if status == RunStatus.FAILED and not (data.get("stages") or {}).get("init"):
+            return [], "no spectrum: the run failed before the init stage ran"
         return drawn()
 
     written = None

@@ -23,12 +23,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from milora.atomic import atomic_directory
 from milora.data.dataset import (
     FORMAT_VERSION,
     INGESTED_SCHEMA,
     PARTS_DIR,
     PartWriter,
-    atomic_directory,
     display_path,
     file_sha256,
     part_name,

@@ -34,7 +34,7 @@ from typing import Any
 
 from milora.layout import LOSS_PLOT, LOSS_TABLE, METRICS, RAW_ADAPTER, RUN_KEY, SERVED_ADAPTER, SUMMARY
 from milora.promotion import by_suite, flatten, gate
-from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision
+from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision, RunStatus
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, TEMPFAIL, parse_overrides, run_command, stage_task
 from tasks.registry import (
@@ -369,7 +369,9 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 
 
 def rollback(settings: Settings) -> dict[str, Any]:
-    """Put the champion alias back on the version it replaced; the demoted one is tagged."""
+    """Put the champion alias back on the version it replaced; the demoted one is tagged, and
+    the rollback is recorded as a run (its record and page in the HTML report)."""
+    started = time.perf_counter()
     registry = Registry(settings)
     current = registry.alias(CHAMPION)
     if current is None:
@@ -386,7 +388,22 @@ def rollback(settings: Settings) -> dict[str, Any]:
         registry.untag(restored.number, ROLLED_BACK)
     registry.set_alias(CHAMPION, restored.number)
     logger.warning("%s: champion rolled back from version %s to %s", registry.name, demoted, restored.number)
-    return {"champion": restored.number, "previous": demoted, "rolled_back": demoted}
+    result = {"champion": restored.number, "previous": demoted, "rolled_back": demoted}
+    _record_run(settings, RunStatus.ROLLED_BACK, time.perf_counter() - started, rollback=result)
+    return result
+
+
+def _record_run(settings: Settings, status: str, seconds: float, **facts: Any) -> None:
+    """A registry action as a run record with its HTML page; a record that cannot be written
+    is logged, never allowed to undo the action."""
+    from tasks.html_report import html_report
+    from tasks.report import report
+
+    try:
+        record = report(settings, status=status, seconds=seconds, **facts)
+        html_report(settings, record["record"])
+    except Exception:
+        logger.exception("the %s record was not written", status)
 
 
 def champion_lineage(settings: Settings) -> dict[str, str] | None:

@@ -36,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from milora.atomic import atomic_directory
 from milora.data.checks import CONTENT_CHECKS, row_checks
 from milora.data.contamination import BenchmarkIndex, benchmark_files
 from milora.data.dataset import (
@@ -43,7 +44,6 @@ from milora.data.dataset import (
     FORMAT_VERSION,
     PARTS_DIR,
     PartWriter,
-    atomic_directory,
     display_path,
     iter_parts,
     read_manifest,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -149,3 +151,24 @@ def test_adapter_for_another_base_is_refused(trained, tmp_path):
     other.model.layers = other.model.layers[:1]
     with pytest.raises(ValueError, match="which this base model lacks"):
         load_adapter(other, out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_adapters_and_cache_entries_follow_the_umask(tmp_path, umask):
+    """Like any tool: a serving process of another user reads them unless the umask says no."""
+    from milora import DecompositionCache
+
+    previous = os.umask(umask)
+    try:
+        model = init_adapter(tiny_llama(), method="milora", r=4, cache=DecompositionCache(tmp_path / "cache"))
+        save_adapter(model, tmp_path / "adapter")
+        convert_adapter(tmp_path / "adapter", tmp_path / "served")
+    finally:
+        os.umask(previous)
+    folders, files = 0o777 & ~umask, 0o666 & ~umask
+    for root in ("adapter", "served", "cache"):
+        written = [tmp_path / root, *(tmp_path / root).rglob("*")]
+        assert len(written) > 2
+        for path in written:
+            expected = folders if path.is_dir() else files
+            assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))

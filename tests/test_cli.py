@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -42,7 +44,13 @@ def test_convert_compress_and_merge(llama_dir, adapter, tmp_path, input_ids):
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 8
     output = run("convert", str(adapter), str(tmp_path / "small"), "--rank", "4")
     assert "worst relative error" in output
-    run("merge", llama_dir, str(adapter), str(tmp_path / "merged"))
+    previous = os.umask(0o022)
+    try:
+        run("merge", llama_dir, str(adapter), str(tmp_path / "merged"))
+    finally:
+        os.umask(previous)
+    weights = tmp_path / "merged" / "model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644  # readable by a serving user, as umask 022 says
     base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     served = PeftModel.from_pretrained(base, tmp_path / "plain").eval()
@@ -70,6 +78,32 @@ def test_unknown_target_gives_a_clear_error(llama_dir, tmp_path):
 def test_loaded_adapter_keeps_its_method(llama_dir, adapter):
     model = load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), adapter)
     assert model.milora_init.spec.method == "milora" and len(model.milora_init.factors) == 10
+
+
+def test_compression_that_changes_the_model_is_said_and_verify_measures_it(llama_dir, adapter, tmp_path):
+    """Trained-looking factors (B no longer zero): rank 1 of a rank-8 update loses much of it."""
+    from milora.adapter_io import read_adapter, write_adapter
+
+    state, config = read_adapter(adapter)
+    gen = torch.Generator().manual_seed(0)
+    trained = {
+        k: (v + 0.5 * torch.randn(v.shape, generator=gen) if "lora_B" in k else v) for k, v in state.items()
+    }
+    write_adapter(tmp_path / "trained", trained, config, json.loads((adapter / "milora.json").read_text()))
+    (tmp_path / "trained" / "initial").symlink_to(adapter / "initial")
+    loud = run("convert", str(tmp_path / "trained"), str(tmp_path / "r1"), "--rank", "1")
+    assert "WARNING" in loud and "different model" in loud
+    manifest = json.loads((tmp_path / "r1" / "milora.json").read_text())
+    assert manifest["compressed_max_error"] > 0.1 and manifest["compressed_from_rank"] == 8
+    failed = runner.invoke(app, ["verify", llama_dir, str(tmp_path / "r1")])
+    assert (
+        failed.exit_code == 1 and "FAILED" in failed.output and "compressed from r=8 to r=1" in failed.output
+    )
+    assert "compressed adapter vs its source" in failed.output
+    quiet = run("convert", str(tmp_path / "trained"), str(tmp_path / "r8"), "--rank", "8")
+    assert "WARNING" not in quiet
+    ok = run("verify", llama_dir, str(tmp_path / "r8"))
+    assert "compressed from r=8 to r=8" in ok and "OK" in ok
 
 
 def test_verify_reports_identity_conversion_and_merge(llama_dir, adapter):

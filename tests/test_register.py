@@ -27,6 +27,7 @@ from milora.settings import Settings
 from tasks import register as reg
 from tasks import registry, run_command
 from tasks.evaluate import evaluate
+from tasks.html_report import version_history
 from tasks.ingest import ingest
 from tasks.train import train
 from tasks.validate import validate
@@ -382,6 +383,18 @@ def test_first_model_is_promoted_then_a_better_one_replaces_it_and_rollback_rest
     assert back["champion"] == "1" and back["previous"] == "2"
     assert alias(client, name, "champion") == "1"
     assert client.get_model_version(name, "2").tags["rolled_back"] == "true"
+    # The rollback is a run of its own in the report: its record, its page, the index's reason,
+    # and version 2 marked rolled back in the history.
+    records = {p: json.loads(p.read_text()) for p in model.path("outputs/runs").glob("*.json")}
+    (path,) = [p for p, r in records.items() if r["status"] == "rolled back" and r["rollback"] == back]
+    reports = model.path("outputs/reports")
+    assert (
+        'Retrain local run: <span class="status warn">rolled back</span>'
+        in (reports / "runs" / f"{path.stem}.html").read_text()
+    )
+    assert "champion v2 -&gt; v1" in (reports / "index.html").read_text()
+    history = {p.version: p for p in version_history(registry.Registry(model))}
+    assert history["2"].rolled_back and not history["1"].rolled_back and history["1"].champion
     with pytest.raises(registry.RegistryError, match="no previous champion"):
         reg.rollback(model)
     assert alias(client, name, "champion") == "1"

@@ -151,7 +151,7 @@ def project(tmp_path_factory, chat_model_dir) -> Settings:
             "failed",
             "grumpy-moth",
             stages={"ingest": True},
-            error=FAILURE + "\nTraceback follows",
+            error="stage 'validate' failed (exit 1):\n" + FAILURE,
         )
         yield settings
 
@@ -214,7 +214,8 @@ def test_report_pages_and_index_from_records_and_registry(project, capsys):
     # Every run is listed with a link to its page; the failed one with its reason.
     for page in pages:
         assert f'href="runs/{page.name}"' in index
-    assert FAILURE in index and "Traceback" not in index
+    # A failure's whole reason, not just its first line (which says only which stage failed).
+    assert "stage &#x27;validate&#x27; failed (exit 1):\n" + FAILURE in index
     assert "company score 0.4000 &gt;= champion" in index  # the gate's failed condition
     assert "Champion: version 1" in index and _plot_titles(index) == ["metrics across model versions"]
     # Self-contained: no script, nothing fetched.
@@ -233,13 +234,14 @@ def test_report_pages_and_index_from_records_and_registry(project, capsys):
     assert _plot_titles(promoted) == drawn and _plot_titles(rejected) == drawn
     history = _svg(promoted, "metrics across model versions")
     assert ">company<" in history and ">recall<" in history  # a panel per suite
+    ticks = re.findall(r"<text[^>]*>([^<]*)</text>", history)
+    assert ticks[: ticks.index("model version")] == ["1", "2"]  # a tick per version, none fractional
     assert "champion v1" in rejected  # compared with the champion it was gated against
     assert "model.layers.1.mlp.down_proj" in promoted and "60..63" in promoted  # minor band of 64, r=4
-    assert _plot_titles(failed) == [
-        "singular-value spectrum",
-        "metrics across model versions",
-    ]  # no loss, no evaluation
+    # No loss, no evaluation, and no spectrum: it failed before its init stage ran.
+    assert _plot_titles(failed) == ["metrics across model versions"]
     assert FAILURE in failed and "no training in this run" in failed
+    assert "the run failed before the init stage ran" in failed
 
 
 def test_report_just_after_a_run_reads_the_workspace(project):
@@ -338,7 +340,7 @@ def test_report_renders_in_headless_chromium(served, tmp_path):
             page.click("text=grumpy-moth")
             page.wait_for_load_state()
             assert FAILURE in page.locator("pre").inner_text()
-            assert len(_plots(page)) == 2
+            assert len(_plots(page)) == 1  # the version history; no spectrum: failed before init
         finally:
             browser.close()
     assert problems == []

@@ -12,13 +12,9 @@ failed run leaves the previous version in place.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,23 +172,3 @@ def load_messages(folder: Path, split: str = "train") -> list[list[dict[str, str
             if row_split == split:
                 conversations.append(messages)
     return conversations
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a scratch folder that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    scratch = target.parent / f".{target.name}.tmp-{token}"
-    scratch.mkdir()
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{token}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(scratch, target)
-    shutil.rmtree(old, ignore_errors=True)

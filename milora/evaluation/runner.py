@@ -275,8 +275,8 @@ def evaluate_adapter(
     returns the metrics and the comparison rows.
     """
     from milora.adapter_io import load_adapter
+    from milora.atomic import atomic_directory
     from milora.conversion import merge_adapter
-    from milora.data.dataset import atomic_directory
     from milora.modeling import load_base_model, load_tokenizer
 
     adapter = Path(adapter_dir)

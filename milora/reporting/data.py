@@ -27,6 +27,7 @@ class VersionPoint:
     forgetting: dict[str, float] = field(default_factory=dict)  # retention suite -> forgetting
     decision: str | None = None  # promoted | rejected | None (never gated)
     champion: bool = False  # holds the champion alias now
+    rolled_back: bool = False  # was champion, then demoted by a rollback
     created: float | None = None  # seconds since the epoch
     description: str = ""
 

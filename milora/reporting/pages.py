@@ -20,7 +20,9 @@ STATUS_CLASS = {
     RunStatus.REJECTED: "warn",
     Decision.REJECTED: "warn",
     RunStatus.FAILED: "bad",
+    RunStatus.ROLLED_BACK: "warn",
 }
+REASON_CHARS = 2000  # of a failure's text in the index (the run's page has all of it)
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
@@ -33,6 +35,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0; } figure svg { max-width: 100%; height: auto; }
 pre { background: #f6f6f6; padding: 0.75rem; overflow-x: auto; white-space: pre-wrap; }
 .note { color: #666; font-style: italic; } code { font-size: 0.85rem; }
+.reason { white-space: pre-wrap; font-size: 0.8rem; }
 """
 
 
@@ -178,7 +181,7 @@ def _history(history: Sequence[VersionPoint]) -> str:
         (
             escape(p.version) + (" ★ champion" if p.champion else ""),
             _when(p.created),
-            escape(p.decision or ""),
+            escape((p.decision or "") + (", rolled back" if p.rolled_back else "")),
             ", ".join(f"{escape(k)} {v:.4f}" for k, v in sorted(p.scores.items())),
             escape(p.description),
         )
@@ -186,7 +189,8 @@ def _history(history: Sequence[VersionPoint]) -> str:
     ]
     return _figure(
         plots.history_plot(history),
-        "score per suite across registered versions (filled: promoted, hollow: rejected, star: current champion)",
+        "score per suite across registered versions (filled: promoted, hollow: rejected, "
+        "x: rolled back, star: current champion)",
         "no registered model versions yet",
     ) + (_table(["version", "registered", "gate", "scores", "description"], rows) if rows else "")
 
@@ -239,7 +243,7 @@ def render_index(rows: Sequence[IndexRow], history: Sequence[VersionPoint], note
             _fmt(row.primary),
             _fmt(row.forgetting),
             f"{row.seconds:.1f} s" if row.seconds is not None else "",
-            escape(row.reason),
+            f'<span class="reason">{escape(row.reason[:REASON_CHARS])}</span>',
         )
         for row in sorted(rows, key=lambda r: r.time, reverse=True)
     ]

@@ -172,16 +172,21 @@ def history_plot(history: Sequence[VersionPoint]) -> str | None:
         have = [p for p in points if suite in p.scores]
         ax.plot([int(p.version) for p in have], [p.scores[suite] for p in have], color=COLORS["base"], lw=1)
         for p in have:
-            promoted = p.decision == Decision.PROMOTED
+            promoted = p.decision == Decision.PROMOTED and not p.rolled_back
             ax.plot(
                 int(p.version),
                 p.scores[suite],
-                "*" if p.champion else "o",
+                "*" if p.champion else "x" if p.rolled_back else "o",
                 markersize=11 if p.champion else 6,
                 markerfacecolor=COLORS["champion"] if promoted else "white",
                 markeredgecolor=COLORS["champion"] if promoted else COLORS["base"],
             )
         ax.set_xlabel("model version", fontsize=8)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        numbers = sorted({int(p.version) for p in have})
+        if len(numbers) <= 12:  # a tick per version, never a fractional one
+            ax.set_xticks(numbers)
+            ax.set_xlim(numbers[0] - 0.5, numbers[-1] + 0.5)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
 
     return _small_multiples(suites, draw, "metrics across model versions")

@@ -1,0 +1,72 @@
+"""Publishing files and folders all or nothing, with the permissions any other tool gives them.
+
+A reader (a serving process, the next stage, a second run) never sees half a folder: work
+goes into a hidden sibling that replaces the target in one rename, and only when the work
+succeeded. Modes follow the process umask like ``mkdir`` and ``open`` do (the 0600 files of
+safetensors and ``tempfile`` would lock out a serving process running as another user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it back at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(..., "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_current_umask()
+
+
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (and everything under a folder) the modes a new file or folder gets.
+
+    Writers that go through a private temporary file (safetensors, ``tempfile``) leave 0600
+    files and 0700 folders; this puts them where ``open``/``mkdir`` would have (executable
+    bits kept)."""
+    mask = _current_umask()
+    root = Path(path)
+    for item in [root, *(root.rglob("*") if root.is_dir() else [])]:
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            item.chmod(0o777 & ~mask)
+        else:
+            item.chmod((0o666 | (item.stat().st_mode & 0o111)) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a scratch folder that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    scratch = target.parent / f".{target.name}.tmp-{token}"
+    scratch.mkdir()  # 0777 less the umask, as any folder
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    follow_umask(scratch)
+    old = target.parent / f".{target.name}.old-{token}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(scratch, target)
+    shutil.rmtree(old, ignore_errors=True)
