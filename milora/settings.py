@@ -46,6 +46,10 @@ class IngestSettings(Section):
         description="files, folders or glob patterns, read in order (globs and folders sorted)",
     )
     watch: str = Field(".", description="the folder new drops land in (the DVC ingest stage's dependency)")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="files/globs in watch that are not training data (evaluation sets are known already)",
+    )
     out_dir: str = Field("data/interim/ingested", description="normalised rows, before validation")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of records in validation")
     split_salt: str = Field("milora", description="changing it reshuffles the split (on purpose only)")

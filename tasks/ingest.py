@@ -36,7 +36,7 @@ from milora.data.dataset import (
 )
 from milora.data.errors import DataValidationError, Finding
 from milora.data.normalise import FieldMapping, normalise, split_of
-from milora.data.readers import FileProblem, iter_rows, resolve_sources
+from milora.data.readers import FileProblem, iter_rows, resolve_sources, unmatched_files
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import run_command
 
@@ -106,13 +106,46 @@ def _read_file(
     }
 
 
+def _unmatched(settings: Settings, files: list[Path], report: IngestReport) -> list[Finding]:
+    """Files of the watched folder this run would not read: a drop that matches no source
+    pattern must not slip by. Returns them as findings under a ``fail`` policy; under
+    ``warn`` they are logged and listed in the report."""
+    watch = settings.path(settings.ingest.watch).resolve()
+    if watch == settings.root.resolve() or not watch.is_dir():
+        return []  # no drop folder configured (the whole project is not a drop folder)
+    evaluation = [path for suite in settings.evaluation.suites.values() for path in suite.paths]
+    contamination = settings.validation.contamination
+    accounted = [*settings.ingest.ignore, *evaluation, *contamination.benchmarks, *contamination.optional]
+    found = unmatched_files(watch, files, accounted, settings.root)
+    if not found:
+        return []
+    policy = settings.validation.policy("unmatched_file")
+    findings = [
+        Finding(
+            "unmatched_file",
+            display_path(path, settings.root),
+            policy,
+            detail="in ingest.watch but read by no ingest.sources entry: add a pattern that reads it, "
+            "or name it in ingest.ignore",
+        )
+        for path in found
+    ]
+    if policy == "fail":
+        return findings
+    for finding in findings:
+        logger.warning("not read: %s", finding.line())
+    report.skipped += findings
+    return []
+
+
 def ingest(
     settings: Settings, sources: Sequence[str | Path] | None = None, out_dir: Path | None = None
 ) -> IngestReport:
     """Read ``sources`` (default ``ingest.sources``) into ``out_dir`` (default ``ingest.out_dir``).
 
     Raises :class:`DataValidationError` naming each file that cannot be read under a
-    ``fail`` policy; the previous output folder is then left untouched.
+    ``fail`` policy, and each file of ``ingest.watch`` that no source reads (unless ``sources``
+    are given here); the previous output folder is then left untouched.
     """
     cfg = settings.ingest
     out = Path(out_dir) if out_dir is not None else settings.path(cfg.out_dir)
@@ -132,7 +165,7 @@ def ingest(
         )
     mapping = FieldMapping(cfg.column_map, cfg.message_keys, cfg.role_map)
     report = IngestReport(out)
-    failures: list[Finding] = []
+    failures: list[Finding] = [] if sources else _unmatched(settings, files, report)
     seen: set[str] = set()
     taken: set[str] = set()
     with atomic_directory(out) as scratch:

@@ -344,3 +344,37 @@ def test_optional_benchmark_paths_may_be_absent(tmp_path):
     assert benchmark_files(["missing/benchmarks"], tmp_path, required=False) == []
     with pytest.raises(FileNotFoundError, match="benchmark path missing/benchmarks does not exist"):
         benchmark_files(["missing/benchmarks"], tmp_path)
+
+
+def test_a_drop_no_source_pattern_reads_cannot_slip_by(tmp_path):
+    """Every file in ingest.watch is read, ignored by name, an evaluation file, or an error."""
+    write_jsonl(tmp_path / "drops" / "2026_12" / "train.jsonl", [alpaca(i) for i in range(6)])
+    write_jsonl(tmp_path / "drops" / "2026_12" / "heldout.jsonl", [{"question": "q", "answer": "a"}])
+    (tmp_path / "drops" / ".gitkeep").write_text("")
+    suites = {"company": {"kind": "qa", "path": "drops/*/heldout.jsonl"}}
+    overrides = {
+        "ingest.sources": ["drops/*/train.jsonl"],
+        "ingest.watch": "drops",
+        "evaluate.suites": suites,
+    }
+    settings = make_settings(tmp_path, overrides)
+    first = ingest(settings)
+    assert first.rows == 6 and not first.skipped  # hidden files and the held-out set count as accounted
+    before = (tmp_path / "ingested" / "manifest.json").read_bytes()
+
+    # January's export arrives as CSV beside *.jsonl patterns: the run stops and names it.
+    (tmp_path / "drops" / "2027_01").mkdir()
+    (tmp_path / "drops" / "2027_01" / "train.csv").write_text("instruction,output\nHi,Hello\n")
+    with pytest.raises(DataValidationError) as error:
+        ingest(settings)
+    (finding,) = error.value.findings
+    assert finding.rule == "unmatched_file" and finding.source == "drops/2027_01/train.csv"
+    assert "ingest.ignore" in error.value.summary()
+    assert (tmp_path / "ingested" / "manifest.json").read_bytes() == before  # the last output stays
+
+    ignored = ingest(make_settings(tmp_path, {**overrides, "ingest.ignore": ["drops/2027_01/*.csv"]}))
+    assert ignored.rows == 6 and not ignored.skipped
+    warned = ingest(make_settings(tmp_path, overrides, policies={"unmatched_file": "warn"}))
+    assert warned.rows == 6 and [f.source for f in warned.skipped] == ["drops/2027_01/train.csv"]
+    read = ingest(make_settings(tmp_path, {**overrides, "ingest.sources": ["drops/*/train.*"]}))
+    assert read.rows == 7 and not read.skipped

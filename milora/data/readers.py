@@ -89,6 +89,29 @@ def resolve_sources(entries: Sequence[str | Path], root: Path) -> list[Path]:
     return list(unique)
 
 
+def unmatched_files(
+    watch: Path, read: Sequence[Path], accounted: Sequence[str | Path], root: Path
+) -> list[Path]:
+    """Files under ``watch`` that are neither ``read`` nor named by ``accounted`` (files,
+    folders or globs, as ``resolve_sources`` takes them, any type); hidden files and folders
+    (``.gitkeep``, ``.DS_Store``) are not drops. Sorted."""
+    known = {p.resolve() for p in read}
+    for entry in accounted:
+        path = Path(entry) if Path(entry).is_absolute() else root / entry
+        matches = (
+            [Path(p) for p in glob.glob(str(path), recursive=True)] if glob.has_magic(str(entry)) else [path]
+        )
+        for match in matches:
+            known.update(p.resolve() for p in (match.rglob("*") if match.is_dir() else [match]))
+    return sorted(
+        path
+        for path in watch.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(watch).parts)
+        and path.resolve() not in known
+    )
+
+
 def iter_rows(path: Path, csv_delimiter: str = ",") -> Iterator[RawRow]:
     """Rows of ``path``; raises :class:`FileProblem` for a file that has no rows to give."""
     if not path.is_file():

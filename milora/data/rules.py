@@ -40,6 +40,12 @@ _RULES = (
         "the file is missing, of an unknown type, or not parseable as its type",
     ),
     Rule("empty_file", "file", "fail", "the file holds no records"),
+    Rule(
+        "unmatched_file",
+        "file",
+        "fail",
+        "a file in ingest.watch that no ingest.sources entry reads and ingest.ignore does not name",
+    ),
     Rule("not_records", "file", "fail", "a JSON document that is not a list of records (objects)"),
     Rule(
         "unknown_schema", "file", "fail", "no record matches a known schema (Alpaca, chat, prompt/completion)"
