@@ -30,13 +30,10 @@ from torch import nn
 from milora.atomic import atomic_directory, follow_umask
 from milora.config import AdapterSpec
 from milora.initialize import PEFT_PREFIX, InitialFactors, lora_layers, subtract_initial
+from milora.layout import CONFIG, INITIAL_DIR, MANIFEST, WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "milora.json"
-INITIAL_DIR = "initial"
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 

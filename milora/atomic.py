@@ -51,6 +51,19 @@ def follow_umask(path: str | os.PathLike[str]) -> None:
             item.chmod((0o666 | (item.stat().st_mode & 0o111)) & ~mask)
 
 
+def replace_directory(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Put the finished folder ``source`` where ``target`` is, in one rename (the old
+    ``target``, if any, is removed only after), with the umask's modes."""
+    source, target = Path(source), Path(target)
+    follow_umask(source)
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a scratch folder that replaces ``target`` only if the block succeeds."""
@@ -64,9 +77,4 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    follow_umask(scratch)
-    old = target.parent / f".{target.name}.old-{token}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(scratch, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(scratch, target)

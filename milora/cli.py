@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from milora.adapter_io import INITIAL_DIR, factor_keys, layer_names, read_adapter, read_manifest, save_adapter
+from milora.adapter_io import factor_keys, layer_names, read_adapter, read_manifest, save_adapter
 from milora.atomic import follow_umask
 from milora.cache import DecompositionCache
 from milora.config import DEFAULT_TARGETS, AdapterSpec
@@ -29,6 +29,7 @@ from milora.conversion import (
 )
 from milora.initialize import init_adapter
 from milora.inspection import spectrum_report
+from milora.layout import INITIAL_DIR
 from milora.modeling import load_base_model
 from milora.training import TrainConfig, run_training
 from milora.training.run import read_conversations

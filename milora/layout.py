@@ -10,9 +10,19 @@ A run folder (``train.run_dir``) holds::
     loss.csv                 step, loss, learning rate (what ``dvc plots`` draws)
     train_summary.json       written last: its presence marks the run finished
     run_key.json             the data, settings and base the folder was started with
+
+and an adapter folder (PEFT's format plus ours)::
+
+    adapter_config.json, adapter_model.safetensors   PEFT's adapter
+    initial/                 the initial factors A0, B0 (same names): rebuild W_res, convert
+    milora.json              the manifest: method, rank, scale, versions, timings
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
 
 INITIAL_ADAPTER = "init"
 CHECKPOINTS = "checkpoints"
@@ -23,3 +33,26 @@ LOSS_TABLE = "loss.csv"
 LOSS_PLOT = "loss_curve.png"
 SUMMARY = "train_summary.json"
 RUN_KEY = "run_key.json"
+
+# Inside an adapter folder.
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+INITIAL_DIR = "initial"
+MANIFEST = "milora.json"
+
+
+def adapter_digest(*folders: str | os.PathLike[str]) -> str:
+    """The content identity of adapter folders: sha256 over every weights file and adapter
+    config (relative name and bytes), in order. Two trainings that produced the same adapters
+    have the same digest; the manifest (timings) and model card do not count."""
+    digest = hashlib.sha256()
+    for folder in map(Path, folders):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name in (WEIGHTS, CONFIG))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS} or {CONFIG} to identify an adapter by")
+        for path in files:
+            digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}\0".encode())
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()

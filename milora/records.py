@@ -33,7 +33,8 @@ class Decision:
 LINEAGE_KEYS = (
     "data_version",  # DVC hash of the validated dataset
     "raw_data_hash",  # sha256 of the company files read
-    "adapter_version",  # DVC hash of the trained run folder
+    "adapter_version",  # DVC hash of the trained run folder (timings included)
+    "adapter_digest",  # sha256 of the adapters' weights and configs: the model's content
     "init_version",  # DVC hash of the init stage's adapter
     "git_commit",  # the code (with -dirty when it had uncommitted changes)
     "params_hash",  # sha256 of every setting
@@ -41,5 +42,6 @@ LINEAGE_KEYS = (
 )
 # What every registered version must record to be rebuildable.
 REQUIRED_LINEAGE = ("data_version", "adapter_version", "git_commit", "params_hash", "raw_data_hash")
-# Two versions with these equal are the same model (registered once).
-IDENTITY_KEYS = ("data_version", "params_hash", "adapter_version", "git_commit")
+# Two versions with these equal are the same model (registered once): its content, not the
+# run that made it (a run folder's hash holds timings; a new commit may train the same adapter).
+IDENTITY_KEYS = ("adapter_digest", "data_version", "params_hash", "base_model")

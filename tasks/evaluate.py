@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from milora.layout import RAW_ADAPTER
+from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import parse_overrides, run_command
 
@@ -32,15 +32,23 @@ def evaluate(
     from milora.evaluation.runner import evaluate_adapter
 
     cfg = settings.evaluation
+    run_dir = settings.path(settings.train.run_dir)
+    adapter = adapter_dir or run_dir / RAW_ADAPTER
+    served = run_dir / SERVED_ADAPTER
+    # What was scored, by content: register refuses a run folder whose adapters differ from it.
+    identity = (
+        {"adapter_digest": adapter_digest(adapter, served)} if adapter_dir is None and served.is_dir() else {}
+    )
     metrics, _ = evaluate_adapter(
         settings.path(settings.base_model),
-        adapter_dir or settings.path(settings.train.run_dir) / RAW_ADAPTER,
+        adapter,
         cfg.suites,
         settings.root,
         out_dir or settings.path(cfg.out_dir),
         batch_size=cfg.batch_size,
         cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
         merged=cfg.merged,
+        info=identity,
     )
     return metrics
 

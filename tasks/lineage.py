@@ -21,6 +21,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
 from tasks import LOCK_FILE
 
@@ -78,7 +79,10 @@ def locked_hashes(root: Path) -> dict[str, str]:
 def lineage(settings: Settings) -> dict[str, Any]:
     """Everything a registered version records about where it came from."""
     outs = locked_hashes(settings.root)
+    run_dir = settings.path(settings.train.run_dir)
+    adapters = (run_dir / RAW_ADAPTER, run_dir / SERVED_ADAPTER)
     return {
+        "adapter_digest": adapter_digest(*adapters) if all(a.is_dir() for a in adapters) else "",
         "data_version": outs.get(settings.validation.dataset_dir, ""),
         "adapter_version": outs.get(settings.train.run_dir, ""),
         "init_version": outs.get(settings.train.init_dir, ""),

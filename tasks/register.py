@@ -32,7 +32,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from milora.layout import LOSS_PLOT, LOSS_TABLE, METRICS, RAW_ADAPTER, RUN_KEY, SERVED_ADAPTER, SUMMARY
+from milora.layout import (
+    LOSS_PLOT,
+    LOSS_TABLE,
+    METRICS,
+    RAW_ADAPTER,
+    RUN_KEY,
+    SERVED_ADAPTER,
+    SUMMARY,
+    adapter_digest,
+)
 from milora.promotion import by_suite, flatten, gate
 from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision, RunStatus
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
@@ -247,6 +256,21 @@ def _serving_config(settings: Settings, base_model: str) -> dict[str, Any]:
     }
 
 
+def _check_evaluated(paths: dict[str, Path], digest: str) -> None:
+    """The evaluation to be logged must be of these very adapters (by content when the
+    evaluate stage recorded it, else by path)."""
+    comparison = paths["eval_dir"] / "comparison.json"
+    info = _read_json(comparison).get("info", {}) if comparison.is_file() else {}
+    evaluated = info.get("adapter_digest")
+    if evaluated and evaluated != digest:
+        raise RegistryError(
+            f"{paths['eval_dir']} scored adapters with digest {evaluated[:12]}, but {paths['run_dir']} now "
+            f"holds {digest[:12]}: the adapters changed after evaluation (rerun the evaluate stage)"
+        )
+    if info.get("adapter") and Path(info["adapter"]).resolve() != paths["raw"].resolve():
+        logger.warning("the evaluation is of %s, not of %s", info["adapter"], paths["raw"])
+
+
 # --------------------------------------------------------------------------- register
 def registered_version(settings: Settings, lineage: Mapping[str, Any]) -> str | None:
     """The version already holding the model ``lineage`` describes, if any."""
@@ -265,6 +289,10 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     lineage = _check_lineage(lineage)
     paths = _inputs(settings)
     flat = flatten(_read_json(paths["eval_metrics"]))
+    # The model's identity is its content, computed here from the files to be registered.
+    lineage["adapter_digest"] = adapter_digest(paths["raw"], paths["served"])
+    lineage["base_model"] = lineage.get("base_model") or settings.base_model
+    _check_evaluated(paths, lineage["adapter_digest"])
     registry = Registry(settings)
     name = registry.name
 
@@ -279,15 +307,9 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
             "metrics": registry.eval_metrics(existing.run_id),
         }
 
-    comparison = paths["eval_dir"] / "comparison.json"
-    if comparison.is_file():
-        evaluated = _read_json(comparison).get("info", {}).get("adapter")
-        if evaluated and Path(evaluated).resolve() != paths["raw"].resolve():
-            logger.warning("the evaluation is of %s, not of %s", evaluated, paths["raw"])
     spec = settings.train.adapter_spec()
     tags = {
         **lineage,
-        "base_model": lineage.get("base_model") or settings.base_model,
         "method": spec.method,
         "rank": str(spec.r),
     }

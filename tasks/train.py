@@ -9,8 +9,10 @@ named by ``train`` in ``params.yaml`` is initialised here) with the hyperparamet
 ``adapter/`` (with its initial factors), ``adapter_for_stock_base/`` (plain LoRA, rank
 2r), ``metrics.jsonl``, ``loss_curve.png`` and ``train_summary.json``.
 
-Rerunning after a crash resumes from the last checkpoint; a run folder left by other
-data or settings is cleared first. Distributed: the same command under
+Training runs in a work folder beside the run folder (``.<name>.work``) that replaces it
+only when training finished: a failed or killed run leaves the last trained adapter where it
+was, and rerunning resumes the work folder from its last checkpoint (a work folder left by
+other data or settings is cleared first). Distributed: the same command under
 ``torchrun --nproc_per_node=N -m tasks.train`` (same adapter as one process with the same
 global batch).
 """
@@ -18,6 +20,7 @@ global batch).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train the configured adapter on the dataset's training split; returns the summary."""
-    from milora.adapter_io import MANIFEST
+    from milora.atomic import replace_directory
     from milora.data.dataset import load_messages, read_manifest
-    from milora.training.run import run_training
+    from milora.layout import MANIFEST, RAW_ADAPTER, RUN_KEY
+    from milora.training.loop import finished_run, is_main_process
+    from milora.training.run import run_key, run_training
 
     cfg = settings.train
     dataset = Path(dataset_dir or settings.path(settings.validation.dataset_dir))
@@ -52,20 +57,35 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         dataset,
         manifest.get("rows", len(conversations)),
     )
-    result = run_training(
-        settings.path(settings.base_model),
-        conversations,
-        out,
-        cfg.adapter_spec(),
-        cfg.hyperparameters(),
-        cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
-        device=cfg.device,
-        restart=True,
-        init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
-    )
+    base, spec, config = settings.path(settings.base_model), cfg.adapter_spec(), cfg.hyperparameters()
+    key = run_key(base, conversations, spec, config)
+    published = out / RUN_KEY
+    result = finished_run(out) if published.is_file() and json.loads(published.read_text()) == key else None
+    if result is not None:
+        logger.info(
+            "%s already holds this run, trained to step %d: nothing to train", out, result.global_step
+        )
+    else:
+        # Training happens beside the published run folder and replaces it only when it
+        # finished: a failed or killed run leaves the last adapter where it was (and a rerun
+        # resumes the work folder from its checkpoints).
+        work = out.parent / f".{out.name}.work"
+        result = run_training(
+            base,
+            conversations,
+            work,
+            spec,
+            config,
+            cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
+            device=cfg.device,
+            restart=True,
+            init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
+        )
+        if is_main_process():  # under torchrun, one process publishes
+            replace_directory(work, out)
     return {
         "run_dir": str(out),
-        "adapter_dir": str(result.adapter_dir),
+        "adapter_dir": str(out / RAW_ADAPTER),
         "global_step": result.global_step,
         "train_loss": result.train_loss,
         "seconds": result.seconds,

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import milora.adapter_io as adapter_io
 from milora import compress_adapter, convert_adapter, init_adapter, load_adapter, merge_adapter, save_adapter
-from milora.adapter_io import INITIAL_DIR, factor_keys, layer_names
+from milora.adapter_io import factor_keys, layer_names
 from milora.conversion import compress_factors
 from milora.initialize import lora_layers
+from milora.layout import INITIAL_DIR
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ of a real Prefect server in test_deployment.py.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from milora.settings import load_settings
 from tasks.rebuild import main as rebuild_main
 from tasks.rebuild import rebuild
 from tasks.registry import tracking_uri
-from tasks.reproduce import stage_env
+from tasks.reproduce import STAGES, StageFailedError, reproduce, stage_env
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,72 @@ def test_dvc_repro_on_a_clean_checkout_and_experiments(project, tmp_path):
     assert rows["lora-r4"][0] == "lora" and rows["workspace"][0] == "lora"
     baseline = [row for name, row in rows.items() if name not in ("lora-r4", "workspace")]
     assert baseline == [("milora", metrics["company"]["score"])], rows
+
+
+def published(root: Path, folders: list[str]) -> dict[str, str]:
+    """sha256 of every file of the published outputs ``folders``."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in folders
+        for path in sorted((root / folder).rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_failed_stage_leaves_every_published_output_as_it_was(project):
+    """A real failure in each stage, run through DVC as the flow runs it: the failing stage's
+    output and everything after it stay byte for byte, and dvc.lock still describes them."""
+    settings = load_settings(project / "params.yaml")
+    outputs = {
+        "ingest": settings.ingest.out_dir,
+        "validate": settings.validation.dataset_dir,
+        "init": settings.train.init_dir,
+        "train": settings.train.run_dir,
+        "evaluate": settings.evaluation.out_dir,
+    }
+    original_params = (project / "params.yaml").read_text()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    client, name = registry(project)
+    versions = len(client.search_model_versions(f"name='{name}'"))
+
+    def with_params(**changes: object) -> None:
+        params = yaml.safe_load(original_params)
+        for dotted, value in changes.items():
+            node = params
+            *parents, last = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[last] = value
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    bad_drop = project / "company" / "drop_09" / "train.jsonl"
+    cases = {
+        "ingest": lambda: (bad_drop.parent.mkdir(), bad_drop.write_text("")),  # empty_file
+        "validate": lambda: write_jsonl(bad_drop, [{"instruction": "Hi", "output": ""}] * 5),  # empty_text
+        "init": lambda: with_params(**{"train.target_modules": ["nope_proj"]}),
+        "train": lambda: with_params(**{"train.profiles.tiny.learning_rate": 1e12}),  # non-finite loss
+        "evaluate": lambda: with_params(**{"evaluate.suites.company.path": "eval/missing.jsonl"}),
+    }
+    for failing, break_it in cases.items():
+        kept = STAGES[STAGES.index(failing) :]
+        before = published(project, [outputs[stage] for stage in kept])
+        break_it()
+        try:
+            for stage in STAGES[: STAGES.index(failing)]:
+                reproduce(stage, project)
+            with pytest.raises(StageFailedError, match=f"stage '{failing}' failed"):
+                reproduce(failing, project)
+            assert published(project, [outputs[stage] for stage in kept]) == before, failing
+            now = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+            assert {s: now[s] for s in kept} == {s: lock[s] for s in kept}, failing
+        finally:
+            (project / "params.yaml").write_text(original_params)
+            if bad_drop.exists():
+                bad_drop.unlink()
+                bad_drop.parent.rmdir()
+                reproduce("ingest", project)  # back to the ingested rows of the published dataset
+    assert yaml.safe_load((project / "dvc.lock").read_text())["stages"] == lock
+    assert len(client.search_model_versions(f"name='{name}'")) == versions
 
 
 def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):

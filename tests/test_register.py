@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from milora.layout import SERVED_ADAPTER
+from milora.layout import SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
 from tasks import register as reg
 from tasks import registry, run_command
@@ -72,7 +72,7 @@ def lineage(n: int | str, **changes: str) -> dict[str, str]:
         "data_version": DATA_VERSION,
         "adapter_version": f"a{n}".ljust(32, "0") + ".dir",
         "git_commit": "0123456789abcdef0123456789abcdef01234567",
-        "params_hash": "9" * 64,
+        "params_hash": f"{n}".rjust(64, "9"),  # versions n differ in content (params) as real ones would
         "raw_data_hash": f"raw{n}".ljust(64, "0"),
         **changes,
     }
@@ -231,7 +231,14 @@ def test_register_logs_the_whole_run_then_registers_the_served_adapter(model):
     assert not again["new"] and again["version"] == "1" and again["run_id"] == result["run_id"]
     assert again["metrics"]["company.score"] == result["metrics"]["company.score"]
     assert versions(client, name) == ["1"] and set(experiment_runs(client, model)) == runs_before
-    assert reg.register(model, lineage(1, git_commit="f" * 40))["new"]  # other code: a new version
+    # A version is its content: other code that trained the very same adapters on the same data
+    # and params is the same model; other params (or data, or adapters) make a new one.
+    same = reg.register(model, lineage(1, git_commit="f" * 40, adapter_version="b" * 32 + ".dir"))
+    assert not same["new"] and same["version"] == "1"
+    assert client.get_model_version(name, "1").tags["adapter_digest"] == adapter_digest(
+        run_dir / "adapter", run_dir / "adapter_for_stock_base"
+    )
+    assert reg.register(model, lineage(1, params_hash="e" * 64))["new"]
 
 
 def test_non_adapter_files_in_an_adapter_folder_are_never_logged(model, tmp_path):
@@ -483,3 +490,19 @@ def test_command_show_promote_rollback(model, tmp_path, capsys):
     assert "company: score 0.2500" in out and f"data_version: {DATA_VERSION}" in out
     assert command("rollback") == 1
     assert "first champion: there is no previous champion" in capsys.readouterr().err
+
+
+def test_adapters_changed_after_evaluation_are_refused(model, tmp_path):
+    """What is registered is what was evaluated: the evaluate stage recorded the adapters'
+    digest, and a run folder whose adapters differ since is never registered."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(model.path(model.train.run_dir), run_dir)
+    moved = model.with_overrides({"train.run_dir": str(run_dir)})
+    evaluated = json.loads((model.path(model.evaluation.out_dir) / "comparison.json").read_text())
+    digest = evaluated["info"]["adapter_digest"]
+    assert digest == adapter_digest(run_dir / "adapter", run_dir / "adapter_for_stock_base")
+    served = run_dir / "adapter_for_stock_base" / "adapter_model.safetensors"
+    served.write_bytes(served.read_bytes()[:4000])  # truncated after evaluation
+    with pytest.raises(registry.RegistryError, match="the adapters changed after evaluation"):
+        reg.register(moved, lineage("truncated"))
+    assert versions(client_of(model), model.registry.model_name) == []

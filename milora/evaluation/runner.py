@@ -268,11 +268,13 @@ def evaluate_adapter(
     cache_dir: Path | None = None,
     merged: bool = False,
     trust_remote_code: bool = False,
+    info: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[Comparison]]:
     """Score the base, then base + adapter (or the merged weights), on every suite.
 
     ``out_dir`` is replaced as a whole only when every suite ran (see :func:`write_results`);
-    returns the metrics and the comparison rows.
+    ``info`` is recorded in ``comparison.json`` beside the paths. Returns the metrics and the
+    comparison rows.
     """
     from milora.adapter_io import load_adapter
     from milora.atomic import atomic_directory
@@ -297,7 +299,7 @@ def evaluate_adapter(
     tuned.eval()
     results = evaluate_model(tuned, tokenizer, suites, root, batch_size=batch_size, label="adapter")
     rows = compare(base, results, suites)
-    info = {"base_model": str(base_path), "adapter": str(adapter), "merged": merged}
+    info = {"base_model": str(base_path), "adapter": str(adapter), "merged": merged, **(info or {})}
     with atomic_directory(Path(out_dir)) as scratch:
         metrics = write_results(scratch, base, results, rows, info)
     logger.info(

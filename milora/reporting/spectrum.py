@@ -21,8 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from milora.adapter_io import INITIAL_DIR, WEIGHTS, factor_keys, layer_names, read_manifest
+from milora.adapter_io import factor_keys, layer_names, read_manifest
 from milora.cache import weight_fingerprint
+from milora.layout import INITIAL_DIR, WEIGHTS
 from milora.methods import INIT_METHODS
 from milora.reporting.data import Spectrum
 from milora.targets import matches

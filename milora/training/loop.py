@@ -253,7 +253,8 @@ def train_adapter(
         resumed_from=str(resume_from) if resume_from else None,
     )
     if is_main_process():
-        summary = {**asdict(result), "adapter_dir": str(final), "config": asdict(config)}
+        # Relative: the folder can be moved (the train stage publishes it by a rename).
+        summary = {**asdict(result), "adapter_dir": RAW_ADAPTER, "config": asdict(config)}
         save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
         served = run_dir / SERVED_ADAPTER
         shutil.rmtree(served, ignore_errors=True)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from milora.adapter_io import MANIFEST, load_adapter, read_manifest, save_adapter, spec_from_manifest
+from milora.adapter_io import load_adapter, read_manifest, save_adapter, spec_from_manifest
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
 from milora.errors import UserFacingError
 from milora.initialize import init_adapter
-from milora.layout import INITIAL_ADAPTER, RUN_KEY
+from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY
 from milora.modeling import load_base_model, load_tokenizer
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, alpaca_messages
