@@ -33,11 +33,13 @@ for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milo
     os.environ.setdefault(_key, _value)
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.states import Failed, State  # noqa: E402
 
+from milora.preflight import base_model_problems  # noqa: E402
 from milora.records import Decision, RunStatus  # noqa: E402
-from milora.settings import DEFAULT_PARAMS, Settings, load_settings  # noqa: E402
-from tasks.html_report import html_report, html_report_task  # noqa: E402
-from tasks.lineage import lineage_task, raw_data_hash, unchanged_version  # noqa: E402
+from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings  # noqa: E402
+from tasks.html_report import REPORTS_DIR, html_report, html_report_task  # noqa: E402
+from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version  # noqa: E402
 from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
 from tasks.report import report, report_task  # noqa: E402
 from tasks.reproduce import push_task, reproduce_task  # noqa: E402
@@ -59,8 +61,10 @@ def retrain(
     params: str = DEFAULT_PARAMS,
     skip_if_no_new_data: bool = False,
     force: bool = False,
-) -> dict[str, Any]:
-    """Take the company data named in ``params`` to a registered, gated model."""
+    allow_uncommitted: bool = False,
+) -> dict[str, Any] | State:
+    """Take the company data named in ``params`` to a registered, gated model (a failure is
+    recorded and ends the run Failed with its message)."""
     log = get_run_logger()
     started = time.perf_counter()
     settings = load_settings(params)
@@ -80,6 +84,8 @@ def retrain(
 
     stages: dict[str, bool] = {}
     try:
+        preflight(settings)
+        require_committed(settings, allow_uncommitted)
         for stage in ("ingest", "validate"):
             stages[stage] = reproduce_task(stage, root, force=force).ran
         data = lineage_task.with_options(name="prepare")(settings)
@@ -92,7 +98,8 @@ def retrain(
         decision = promote_task(settings, registration["version"]) if registration["new"] else None
     except Exception as error:
         # The failed run is recorded with its reason (registry and champion untouched: the
-        # registry steps come last and register only after everything is logged).
+        # registry steps come last and register only after everything is logged), and ends
+        # Failed with that one message (the stage's own words, not a traceback of the flow).
         _report(
             settings,
             status=RunStatus.FAILED,
@@ -100,7 +107,7 @@ def retrain(
             stages=stages,
             seconds=time.perf_counter() - started,
         )
-        raise
+        return Failed(message=str(error))
     if decision is not None:
         status = RunStatus.PROMOTED if decision["decision"] == Decision.PROMOTED else RunStatus.REJECTED
     else:
@@ -120,6 +127,13 @@ def retrain(
     )
 
 
+def preflight(settings: Settings) -> None:
+    """Settings a run cannot succeed with, found before any stage runs (seconds, not minutes)."""
+    problems = base_model_problems(settings.path(settings.base_model), settings.train.target_modules)
+    if problems:
+        raise SettingsError("params.yaml: " + "; ".join(problems))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=DEFAULT_PARAMS)
@@ -127,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-if-no-new-data", action="store_true", help="stop early when the data is the champion's"
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage even if unchanged")
+    parser.add_argument(
+        "--allow-uncommitted",
+        action="store_true",
+        help="train on code, params or company files git has not committed (a local try: the version "
+        "is tagged `uncommitted`; without it such a run is refused)",
+    )
     parser.add_argument(
         "--always-run-flow",
         action="store_true",
@@ -153,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"report: {html_report(settings, record['record'])}")
             return 0
-    result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force)
     settings = load_settings(args.params)
+    try:
+        result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force, args.allow_uncommitted)
+    except Exception as error:  # recorded, with its page, by the flow
+        print(f"retrain failed: {error}", file=sys.stderr)
+        print(f"report: {settings.path(REPORTS_DIR) / 'index.html'}", file=sys.stderr)
+        return 1
     table = settings.path(settings.evaluation.out_dir) / "summary.md"
     if result["status"] != RunStatus.NO_NEW_DATA and table.is_file():
         print(f"\nevaluation of the current adapter against the base ({table}):\n{table.read_text()}")

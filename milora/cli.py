@@ -78,6 +78,9 @@ def init(
 ) -> None:
     """Wrap BASE in a freshly initialised adapter and save it (with its initial factors)."""
     spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout, solver)
+    if out.exists() and not overwrite:  # before any decomposition, not after
+        console.print(f"[red]error[/]: {out} exists; pass --overwrite to replace it")
+        raise typer.Exit(2)
     model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     cache = DecompositionCache(cache_dir) if cache_dir else None
     peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)

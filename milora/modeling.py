@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from milora.errors import UserFacingError
+
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype | str] = {
@@ -17,6 +19,11 @@ DTYPES: dict[str, torch.dtype | str] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+class ModelFolderError(FileNotFoundError, UserFacingError):
+    """The base model folder is missing or not a Hugging Face model (a setting to fix, not an
+    I/O fault to retry)."""
 
 
 def parse_dtype(name: str) -> torch.dtype | str:
@@ -36,7 +43,7 @@ def load_base_model(
     """A causal LM from a local Hugging Face folder; refuses pickled weights."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        raise ModelFolderError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=parse_dtype(dtype),

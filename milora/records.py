@@ -37,6 +37,7 @@ LINEAGE_KEYS = (
     "adapter_digest",  # sha256 of the adapters' weights and configs: the model's content
     "init_version",  # DVC hash of the init stage's adapter
     "git_commit",  # the code (with -dirty when it had uncommitted changes)
+    "uncommitted",  # the files the commit did not hold (a run allowed with --allow-uncommitted)
     "params_hash",  # sha256 of every setting
     "base_model",  # the base model folder
 )

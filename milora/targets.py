@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from milora.errors import UserFacingError
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class TargetError(ValueError, UserFacingError):
+    """The target modules do not fit the model (missing, mixed kinds, rank too large)."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,14 @@ def find_targets(model: nn.Module, targets: tuple[str, ...] | str, r: int) -> li
         _check_weight(name, module)
         target = Target(name, module, isinstance(module, Conv1D))
         if r > min(target.shape):
-            raise ValueError(
+            raise TargetError(
                 f"rank r={r} exceeds min(out, in)={min(target.shape)} of {name} "
                 f"(shape {target.shape[0]}x{target.shape[1]}); choose r <= {min(target.shape)}"
             )
         found.append(target)
     _check_all_named(model, targets, found)
     if len({t.fan_in_fan_out for t in found}) > 1:
-        raise ValueError("targets mix nn.Linear and Conv1D layers; adapt them in separate adapters")
+        raise TargetError("targets mix nn.Linear and Conv1D layers; adapt them in separate adapters")
     return found
 
 
@@ -78,7 +84,7 @@ def _check_weight(name: str, module: nn.Module) -> None:
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has unsupported dtype {weight.dtype}; use float32/bfloat16/float16")
     if weight.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device: load real weights before initialising")
+        raise TargetError(f"{name} is on the meta device: load real weights before initialising")
 
 
 def _check_all_named(model: nn.Module, targets: tuple[str, ...] | str, found: list[Target]) -> None:
@@ -87,14 +93,14 @@ def _check_all_named(model: nn.Module, targets: tuple[str, ...] | str, found: li
     )
     if isinstance(targets, str):
         if not found:
-            raise ValueError(
+            raise TargetError(
                 f"target_modules pattern {targets!r} matches no linear layer; adaptable names are {adaptable}"
             )
         return
     hit = {t for t in targets for f in found if f.name == t or f.name.endswith("." + t)}
     missing = [t for t in targets if t not in hit]
     if missing:
-        raise ValueError(
+        raise TargetError(
             f"target modules {missing} not found among the model's linear layers; "
             f"adaptable names are {adaptable}"
         )

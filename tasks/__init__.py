@@ -12,6 +12,7 @@ I/O error (worth retrying).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -32,6 +33,9 @@ IO_RETRIES = 2
 IO_RETRY_DELAY_S = 5
 TEMPFAIL = 75  # exit status of a stage command that hit an I/O error (sysexits EX_TEMPFAIL): retried
 LOCK_FILE = "dvc.lock"  # DVC's record of every stage's deps, params and output hashes
+# Where a stage command writes the one message a person needs when it fails (set by the
+# flow's DVC runner, which shows that message instead of the command's whole output).
+ERROR_FILE_ENV = "MILORA_ERROR_FILE"
 
 
 def stage_task(
@@ -92,21 +96,32 @@ def run_command(main: Callable[[], int]) -> None:
     )
     for noisy in ("great_expectations", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    message = None
     try:
         code = main()
     except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = 2
+        message, code = f"error: {error}", 2
     except DataValidationError as error:
-        print(error.summary(), file=sys.stderr)
-        code = 1
+        message, code = error.summary(), 1
     except Exception as error:
         if isinstance(error, UserFacingError):
-            print(f"error: {error}", file=sys.stderr)
-            code = 1
+            message, code = f"error: {error}", 1
         elif isinstance(error, OSError):
             logger.exception("I/O error (exit %d: worth retrying)", TEMPFAIL)
-            code = TEMPFAIL
+            message, code = f"I/O error (worth retrying): {error}", TEMPFAIL
         else:
+            _tell_runner(f"{type(error).__name__}: {error}")
             raise
+    if message is not None:
+        if code != TEMPFAIL:
+            print(message, file=sys.stderr)
+        _tell_runner(message)
     sys.exit(code)
+
+
+def _tell_runner(message: str) -> None:
+    """The failure's message for whoever ran the command (``ERROR_FILE_ENV``), if anyone."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as handle:
+            handle.write(message.strip() + "\n")

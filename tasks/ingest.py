@@ -42,6 +42,8 @@ from tasks import run_command
 
 logger = logging.getLogger(__name__)
 
+CSV_DELIMITERS = (";", "\t", "|", ",")  # what a one-column CSV header may really be split by
+
 
 @dataclass
 class IngestReport:
@@ -91,6 +93,14 @@ def _read_file(
     if writer.rows == 0:
         raise FileProblem("empty_file", "no records (only blank lines or an empty list)")
     if writer.rows > malformed and formats["unknown"] == writer.rows:
+        joined = [d for d in CSV_DELIMITERS if first_keys and len(first_keys) == 1 and d in first_keys[0]]
+        if path.suffix.lower() == ".csv" and joined:
+            raise FileProblem(
+                "unknown_schema",
+                f"the header {first_keys[0]!r} reads as one column: the file looks {joined[0]!r}-delimited "
+                f"(set ingest.csv_delimiter: {joined[0]!r} in params.yaml)",
+                1,
+            )
         raise FileProblem(
             "unknown_schema",
             f"columns {first_keys} match no schema; expected instruction/input/output, prompt/completion "

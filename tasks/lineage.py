@@ -42,18 +42,57 @@ def raw_data_hash(settings: Settings) -> str:
     return digest.hexdigest()
 
 
-def git_commit(root: Path) -> str:
-    """HEAD's commit, with ``-dirty`` when tracked files differ from it (the run is then
-    not exactly rebuildable from the commit alone)."""
+class UncommittedChangesError(RuntimeError):
+    """The run would train on code, params or data that its git commit does not hold."""
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
 
-    commit = git("rev-parse", "HEAD")
+def _git(root: Path, *args: str) -> str | None:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
+def uncommitted_files(settings: Settings) -> list[str]:
+    """What the commit does not hold: tracked files that differ from HEAD, and company files
+    the ingest stage reads that git does not track (a new drop not yet committed). Empty
+    outside a git checkout (nothing to compare with)."""
+    root = settings.root
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no")
+    if changed is None:
+        return []
+    from milora.data.readers import resolve_sources
+
+    found = [line[3:] for line in changed.splitlines() if line.strip()]
+    tracked = set((_git(root, "ls-files") or "").splitlines())
+    for path in resolve_sources(settings.ingest.sources, root):
+        if path.is_relative_to(root.resolve()) or path.is_relative_to(root):
+            name = path.resolve().relative_to(root.resolve()).as_posix()
+            if name not in tracked:
+                found.append(name)
+    return sorted(set(found))
+
+
+def require_committed(settings: Settings, allow: bool) -> list[str]:
+    """Refuse (unless ``allow``) to train what a version could not be rebuilt from; returns
+    the uncommitted files (recorded on the version when allowed)."""
+    files = uncommitted_files(settings)
+    if files and not allow:
+        shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        raise UncommittedChangesError(
+            f"uncommitted changes: {shown}. A registered version must be rebuildable from its git "
+            "commit: commit them (git add, git commit), or for a local try run with "
+            "--allow-uncommitted (the version is then tagged `uncommitted`; deployments never allow it)"
+        )
+    return files
+
+
+def git_commit(root: Path, dirty: bool | None = None) -> str:
+    """HEAD's commit, with ``-dirty`` when the run's inputs differ from it (``dirty``; by
+    default: tracked files differ), so the version says it is not rebuildable from it alone."""
+    commit = (_git(root, "rev-parse", "HEAD") or "").strip()
     if not commit:
         return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    if dirty is None:
+        dirty = bool((_git(root, "status", "--porcelain", "--untracked-files=no") or "").strip())
     return f"{commit}-dirty" if dirty else commit
 
 
@@ -79,6 +118,7 @@ def locked_hashes(root: Path) -> dict[str, str]:
 def lineage(settings: Settings) -> dict[str, Any]:
     """Everything a registered version records about where it came from."""
     outs = locked_hashes(settings.root)
+    uncommitted = uncommitted_files(settings)
     run_dir = settings.path(settings.train.run_dir)
     adapters = (run_dir / RAW_ADAPTER, run_dir / SERVED_ADAPTER)
     return {
@@ -87,7 +127,8 @@ def lineage(settings: Settings) -> dict[str, Any]:
         "adapter_version": outs.get(settings.train.run_dir, ""),
         "init_version": outs.get(settings.train.init_dir, ""),
         "raw_data_hash": raw_data_hash(settings),
-        "git_commit": git_commit(settings.root),
+        "git_commit": git_commit(settings.root, dirty=bool(uncommitted)),
+        "uncommitted": ", ".join(uncommitted)[:1000],
         "params_hash": params_hash(settings),
         "base_model": str(settings.base_model),
     }

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.offline import OFFLINE_ENV
-from tasks import TEMPFAIL, stage_task
+from tasks import ERROR_FILE_ENV, TEMPFAIL, stage_task
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,18 @@ def changed(stage: str | None, root: str | os.PathLike[str] = ".") -> bool:
         return bool(repo.status(targets=[stage] if stage else None))
 
 
+def _failure(stage: str, dvc_code: int, output: str, message: str) -> Exception:
+    """One message for a failed stage: its command's exit status (not DVC's) and what the
+    command said a person must fix; without that (a crash), the end of its output."""
+    codes = [int(c) for c in _EXIT.findall(output)]
+    code = codes[-1] if codes else dvc_code
+    said = message or "\n".join(output.splitlines()[-15:])
+    if code == TEMPFAIL:
+        return TransientStageError(f"stage {stage!r} hit an I/O error (exit {code}): {said}")
+    where = "" if codes else " (DVC failed before the command ran)"
+    return StageFailedError(f"stage {stage!r} failed (exit {code}){where}: {said}")
+
+
 def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
     """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed."""
     if stage not in STAGES:
@@ -91,17 +104,17 @@ def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = F
         )
         return StageRun(stage, False, seconds, "")
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    done = subprocess.run(command, cwd=root, env=stage_env(), capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="milora-stage-") as scratch:
+        said = Path(scratch) / "error.txt"
+        env = {**stage_env(), ERROR_FILE_ENV: str(said)}
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
+        message = said.read_text(encoding="utf-8").strip() if said.is_file() else ""
     seconds = time.perf_counter() - started
     output = (done.stdout + done.stderr).strip()
     for line in output.splitlines():
         logger.info("[%s] %s", stage, line)
     if done.returncode != 0:
-        codes = [int(c) for c in _EXIT.findall(output)]
-        tail = "\n".join(output.splitlines()[-25:])
-        if TEMPFAIL in codes:
-            raise TransientStageError(f"stage {stage!r} hit an I/O error:\n{tail}")
-        raise StageFailedError(f"stage {stage!r} failed (dvc exit {done.returncode}):\n{tail}")
+        raise _failure(stage, done.returncode, output, message)
     ran = not _SKIPPED.search(output)
     logger.info("stage %s %s in %.1f s", stage, "ran" if ran else "unchanged, skipped", seconds)
     return StageRun(stage, ran, seconds, output)

@@ -109,3 +109,13 @@ def test_compression_that_changes_the_model_is_said_and_verify_measures_it(llama
 def test_verify_reports_identity_conversion_and_merge(llama_dir, adapter):
     output = run("verify", llama_dir, str(adapter))
     assert "OK" in output and "converted plain LoRA" in output
+
+
+def test_init_refuses_an_existing_folder_before_any_work(llama_dir, tmp_path, monkeypatch):
+    import milora.cli
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    monkeypatch.setattr(milora.cli, "load_base_model", lambda *a, **k: pytest.fail("loaded the base first"))
+    result = runner.invoke(app, ["init", llama_dir, str(out)])
+    assert result.exit_code == 2 and "pass --overwrite to replace it" in result.output

@@ -198,22 +198,34 @@ def test_a_failed_stage_leaves_every_published_output_as_it_was(project):
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     bad_drop = project / "company" / "drop_09" / "train.jsonl"
-    cases = {
-        "ingest": lambda: (bad_drop.parent.mkdir(), bad_drop.write_text("")),  # empty_file
-        "validate": lambda: write_jsonl(bad_drop, [{"instruction": "Hi", "output": ""}] * 5),  # empty_text
-        "init": lambda: with_params(**{"train.target_modules": ["nope_proj"]}),
-        "train": lambda: with_params(**{"train.profiles.tiny.learning_rate": 1e12}),  # non-finite loss
-        "evaluate": lambda: with_params(**{"evaluate.suites.company.path": "eval/missing.jsonl"}),
+    cases = {  # how to break the stage, and the one message it must fail with (exit 1)
+        "ingest": (lambda: (bad_drop.parent.mkdir(), bad_drop.write_text("")), "[empty_file]"),
+        "validate": (
+            lambda: write_jsonl(bad_drop, [{"instruction": "Hi", "output": ""}] * 5),
+            "[empty_text]",
+        ),
+        "init": (
+            lambda: with_params(**{"train.target_modules": ["nope_proj"]}),
+            "target modules ['nope_proj'] not found among the model's linear layers",
+        ),
+        "train": (lambda: with_params(**{"train.profiles.tiny.learning_rate": 1e12}), "loss became"),
+        "evaluate": (
+            lambda: with_params(**{"evaluate.suites.company.path": "eval/missing.jsonl"}),
+            "evaluate.suites.company.path: no file matches",
+        ),
     }
-    for failing, break_it in cases.items():
+    for failing, (break_it, says) in cases.items():
         kept = STAGES[STAGES.index(failing) :]
         before = published(project, [outputs[stage] for stage in kept])
         break_it()
         try:
             for stage in STAGES[: STAGES.index(failing)]:
                 reproduce(stage, project)
-            with pytest.raises(StageFailedError, match=f"stage '{failing}' failed"):
+            with pytest.raises(StageFailedError) as failed:
                 reproduce(failing, project)
+            message = str(failed.value)
+            assert message.startswith(f"stage '{failing}' failed (exit 1): ") and says in message, message
+            assert message.count(says) == 1 and "Traceback" not in message, message
             assert published(project, [outputs[stage] for stage in kept]) == before, failing
             now = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
             assert {s: now[s] for s in kept} == {s: lock[s] for s in kept}, failing
@@ -233,8 +245,16 @@ def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):
     champion = client.get_model_version_by_alias(name, "champion").version
     # A bad drop fails validation: the run fails with the rule, the registry stays as it was.
     write_jsonl(project / "company" / "drop_02" / "train.jsonl", [{"instruction": "Hi", "output": ""}] * 5)
-    with pytest.raises(Exception, match="validate"):
+    # Not committed yet: refused before any stage (a version must be rebuildable from its commit).
+    with pytest.raises(Exception, match=r"uncommitted changes: company/drop_02/train.jsonl\. A registered"):
         retrain(params)
+    assert latest_record(project)["stages"] == {}
+    # A local try may allow it (tagged if it ever registered); validation then rejects the drop.
+    with pytest.raises(Exception) as failed:
+        retrain(params, allow_uncommitted=True)
+    message = str(failed.value)  # the stage's own summary, once, with the command's exit status
+    assert message.startswith("stage 'validate' failed (exit 1): data failed validation"), message
+    assert message.count("[empty_text]") == 1 and "Traceback" not in message
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert client.get_model_version_by_alias(name, "champion").version == champion
     assert latest_record(project)["status"] == "failed"
@@ -244,4 +264,32 @@ def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):
         p.stem for p in (project / "outputs" / "runs").glob("*.json")
     )
     index = (reports / "index.html").read_text()
-    assert index.count('class="status bad"') == 1 and "validate" in index
+    assert index.count('class="status bad"') == 2 and "validate" in index and "uncommitted" in index
+
+    # A setting no run can succeed with fails before any stage, naming the key.
+    settings = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**settings, "base_model": "no/such/model"}))
+    try:
+        with pytest.raises(
+            Exception, match=r"params.yaml: base_model: .*no/such/model is not a Hugging Face"
+        ):
+            retrain(params)
+        assert latest_record(project)["stages"] == {}
+    finally:
+        (project / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def test_uncommitted_code_params_and_drops_are_named(tmp_path, chat_model_dir):
+    from tasks.lineage import UncommittedChangesError, git_commit, require_committed, uncommitted_files
+
+    root = make_project(tmp_path / "project", chat_model_dir)
+    settings = load_settings(root / "params.yaml")
+    assert uncommitted_files(settings) == [] and not git_commit(root).endswith("-dirty")
+    write_jsonl(root / "company" / "drop_02" / "train.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n")
+    (root / "notes.txt").write_text("untracked, not read by ingest: not an input")
+    assert uncommitted_files(settings) == ["company/drop_02/train.jsonl", "params.yaml"]
+    with pytest.raises(UncommittedChangesError, match=r"company/drop_02/train\.jsonl, params\.yaml"):
+        require_committed(settings, allow=False)
+    assert require_committed(settings, allow=True) == ["company/drop_02/train.jsonl", "params.yaml"]
+    assert git_commit(root, dirty=True).endswith("-dirty")

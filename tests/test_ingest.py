@@ -378,3 +378,14 @@ def test_a_drop_no_source_pattern_reads_cannot_slip_by(tmp_path):
     assert warned.rows == 6 and [f.source for f in warned.skipped] == ["drops/2027_01/train.csv"]
     read = ingest(make_settings(tmp_path, {**overrides, "ingest.sources": ["drops/*/train.*"]}))
     assert read.rows == 7 and not read.skipped
+
+
+def test_a_semicolon_csv_is_told_to_set_the_delimiter(tmp_path):
+    (tmp_path / "export.csv").write_text("instruction;output\nReset the router?;Hold the button.\n")
+    settings = make_settings(tmp_path, {"ingest.sources": ["export.csv"]})
+    with pytest.raises(DataValidationError) as error:
+        ingest(settings)
+    (finding,) = error.value.findings
+    assert finding.rule == "unknown_schema" and "set ingest.csv_delimiter: ';'" in finding.detail
+    fixed = ingest(make_settings(tmp_path, {"ingest.sources": ["export.csv"], "ingest.csv_delimiter": ";"}))
+    assert fixed.rows == 1

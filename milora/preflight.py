@@ -1,0 +1,60 @@
+"""Checks of a base model folder that need no model loaded: run before any stage, so a typo
+in ``base_model`` or ``train.target_modules`` fails in a second with the key to fix, not
+after ingest and validation.
+
+Tensor names come from the safetensors headers (8-byte length, then JSON) or the sharded
+index, read as text: nothing is unpickled, nothing imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def tensor_names(folder: Path) -> set[str]:
+    """Every tensor name of a model folder's safetensors weights (sharded or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        names.update(key for key in header if key != "__metadata__")
+    return names
+
+
+def base_model_problems(
+    folder: Path, target_modules: Sequence[str] | str, *, key: str = "base_model"
+) -> list[str]:
+    """What stops ``folder`` serving as the base for ``target_modules`` (empty: nothing found),
+    each naming the setting to fix."""
+    if not (folder / "config.json").is_file():
+        return [f"{key}: {folder} is not a Hugging Face model folder (no config.json)"]
+    problems = []
+    names = tensor_names(folder)
+    if not names:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        problems.append(
+            f"{key}: {folder} has no safetensors weights"
+            + (f" (only pickled {', '.join(pickled)}: convert them to safetensors)" if pickled else "")
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{key}: {folder} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if names and not isinstance(target_modules, str):
+        layers = {
+            name.removesuffix(".weight").rsplit(".", 1)[-1] for name in names if name.endswith(".weight")
+        }
+        missing = [t for t in target_modules if t.rsplit(".", 1)[-1] not in layers]
+        if missing:
+            problems.append(
+                f"train.target_modules: {missing} are not layers of {folder} (its weights name "
+                f"{', '.join(sorted(n for n in layers if n.endswith('proj') or n in ('c_attn', 'c_fc', 'c_proj'))) or 'other layers'})"
+            )
+    return problems
