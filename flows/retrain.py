@@ -1,6 +1,6 @@
 """The retraining flow: new company data in, a validated, trained, evaluated and gated model out.
 
-    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> (push) -> register -> promote -> report
+    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> champion -> (push) -> register -> promote -> report
 
 Data and model steps are the DVC stages of ``dvc.yaml`` (one copy of each stage's code; DVC
 skips what did not change and versions every output, pushed to the DVC remote before
@@ -38,6 +38,7 @@ from prefect.states import Failed, State  # noqa: E402
 from milora.preflight import base_model_problems  # noqa: E402
 from milora.records import Decision, RunStatus  # noqa: E402
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings  # noqa: E402
+from tasks.champion import compare_champion_task  # noqa: E402
 from tasks.html_report import REPORTS_DIR, html_report, html_report_task  # noqa: E402
 from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version  # noqa: E402
 from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
@@ -92,6 +93,7 @@ def retrain(
         log.info("dataset version %s from raw data %s", data["data_version"][:12], data["raw_data_hash"][:12])
         for stage in ("init", "train", "evaluate"):
             stages[stage] = reproduce_task(stage, root, force=force).ran
+        compare_champion_task(settings)  # the champion on the same items, for a paired gate
         push_task(root)  # before registering: a version's data and adapter are on the remote
         model = lineage_task(settings)
         registration = register_task(settings, model)
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     table = settings.path(settings.evaluation.out_dir) / "summary.md"
     if result["status"] != RunStatus.NO_NEW_DATA and table.is_file():
         print(f"\nevaluation of the current adapter against the base ({table}):\n{table.read_text()}")
+        paired = settings.path(settings.registry.champion_dir) / "summary.md"
+        if paired.is_file() and paired.stat().st_mtime >= table.stat().st_mtime:
+            print(f"against the champion, on the same items ({paired}):\n{paired.read_text()}")
     if result.get("decision"):
         print("gate: " + "; ".join(result["decision"].get("reasons") or []))
     print(result["summary"])

@@ -34,6 +34,9 @@ LOSS_PLOT = "loss_curve.png"
 SUMMARY = "train_summary.json"
 RUN_KEY = "run_key.json"
 
+# The champion re-scored on a challenger's items (registry.champion_dir): per-suite pairs.
+PAIRED = "paired.json"
+
 # Inside an adapter folder.
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -7,16 +7,21 @@ them (``"<suite>.<metric>": value``, e.g. ``company.score``, ``world_probes.forg
 
 Every condition must hold, and each is reported with its numbers:
 
-* the primary suite's score is at least the champion's plus ``min_primary_gain``;
+* the primary suite: with the champion re-scored on the same items in the same run (the
+  evaluate stage's ``vs_champion_*`` metrics: per-item differences, a paired bootstrap
+  interval), the challenger must be better beyond noise: the interval's low end above
+  ``min_primary_gain``, so an equal or a noise-level challenger is not promoted. Without that
+  (stored scores only) its score must be at least the champion's plus ``min_primary_gain``;
 * no retention suite forgets more than ``max_forgetting`` (measured against the stock base);
 * every other suite scored for both is within ``tolerance`` of the champion, in the
-  metric's own direction (perplexity: lower is better).
+  metric's own direction (perplexity: lower is better); paired, it fails only when it is
+  worse beyond noise (interval entirely below zero) and by more than ``tolerance``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +30,53 @@ from milora.records import Decision
 from milora.settings import GateSettings
 
 FIRST_MODEL = "first model: no champion yet"
+CONFIDENCE = 0.95  # of the paired interval
+RESAMPLES = 2000  # bootstrap resamples (seeded: the same items give the same interval)
+# Per suite, in metrics.json / MLflow: the challenger minus the champion re-scored on the same items.
+PAIRED_KEYS = ("vs_champion_diff", "vs_champion_low", "vs_champion_high", "vs_champion_n")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Challenger minus champion over the same items: the mean and a bootstrap interval."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+    def text(self) -> str:
+        return (
+            f"{self.mean:+.4f} [{CONFIDENCE:.0%} CI {self.low:+.4f}, {self.high:+.4f}], "
+            f"n={self.n} paired items"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return dict(zip(PAIRED_KEYS, (self.mean, self.low, self.high, float(self.n)), strict=True))
+
+    @classmethod
+    def from_metrics(cls, values: Mapping[str, float]) -> PairedDifference | None:
+        if not all(key in values for key in PAIRED_KEYS):
+            return None
+        mean, low, high, n = (values[key] for key in PAIRED_KEYS)
+        return cls(int(n), mean, low, high)
+
+
+def paired_difference(
+    new: Sequence[float], old: Sequence[float], *, resamples: int = RESAMPLES, seed: int = 0
+) -> PairedDifference:
+    """The mean per-item difference ``new - old`` with a percentile bootstrap interval
+    (items resampled with replacement, pairs kept together)."""
+    import numpy as np
+
+    if len(new) != len(old) or not new:
+        raise ValueError(f"paired scores need the same items: {len(new)} vs {len(old)}")
+    diffs = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))
+    means = diffs[picks].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return PairedDifference(len(diffs), float(diffs.mean()), float(low), float(high))
 
 
 @dataclass(frozen=True)
@@ -65,10 +117,16 @@ def by_suite(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
 
 
 def gate(
-    challenger: Mapping[str, float], champion: Mapping[str, float] | None, rules: GateSettings
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    rules: GateSettings,
+    *,
+    rescored: str | None = None,
 ) -> GateResult:
     """Whether ``challenger``'s flat metrics may replace ``champion``'s (None: there is no
-    champion, the first model passes), with every condition and its numbers."""
+    champion, the first model passes), with every condition and its numbers. ``rescored``:
+    the champion version the challenger's ``vs_champion_*`` metrics were measured against
+    when that is the champion now (else they are ignored)."""
     if champion is None:
         return GateResult(True, [FIRST_MODEL])
     new, old = by_suite(challenger), by_suite(champion)
@@ -79,9 +137,19 @@ def gate(
         passed &= ok
         reasons.append(f"{text}: {'ok' if ok else 'FAILED'}")
 
+    def paired(suite: str) -> PairedDifference | None:
+        return PairedDifference.from_metrics(new.get(suite, {})) if rescored else None
+
     primary = rules.primary_suite
+    same_items = paired(primary)
     if "score" not in new.get(primary, {}):
         check(False, f"{primary} (primary suite): not evaluated for the challenger")
+    elif same_items is not None:
+        check(
+            same_items.low > rules.min_primary_gain,
+            f"{primary} vs champion v{rescored} on the same items: {same_items.text()}; "
+            f"low end > min gain {rules.min_primary_gain:.4f} (better beyond noise)",
+        )
     elif "score" not in old.get(primary, {}):
         reasons.append(f"{primary} (primary suite): champion has no score; not compared")
     else:
@@ -89,7 +157,7 @@ def gate(
         check(
             score >= floor,
             f"{primary} score {score:.4f} >= champion {old[primary]['score']:.4f} "
-            f"+ min gain {rules.min_primary_gain:.4f} = {floor:.4f}",
+            f"+ min gain {rules.min_primary_gain:.4f} = {floor:.4f}{_sizes(new[primary], old[primary])}",
         )
     for suite, values in sorted(new.items()):
         if "forgetting" in values:
@@ -108,7 +176,15 @@ def gate(
             continue
         score, before = new[suite]["score"], old[suite]["score"]
         lower = [m for m in (*new[suite], *old[suite]) if lower_is_better(m)]
-        if lower:
+        same_items = paired(suite)
+        if same_items is not None and not lower:
+            worse = same_items.high < 0 and same_items.mean < -rules.tolerance
+            check(
+                not worse,
+                f"{suite} vs champion v{rescored} on the same items: {same_items.text()}; fails only if "
+                f"worse beyond noise and by more than tolerance {rules.tolerance:.4f}",
+            )
+        elif lower:
             limit = before + rules.tolerance
             check(
                 score <= limit,
@@ -122,3 +198,13 @@ def gate(
                 f"{suite} score {score:.4f} >= champion {before:.4f} - tolerance {rules.tolerance:.4f} = {limit:.4f}",
             )
     return GateResult(passed, reasons)
+
+
+def _sizes(new: Mapping[str, float], old: Mapping[str, float]) -> str:
+    """How many items each stored score is over, when known (different items: a caveat)."""
+    if "n" not in new or "n" not in old:
+        return ""
+    n_new, n_old = int(new["n"]), int(old["n"])
+    if n_new == n_old:
+        return f" (n={n_new}; stored scores)"
+    return f" (n={n_new} vs {n_old}: stored scores of different items, not re-scored)"

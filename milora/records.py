@@ -16,10 +16,11 @@ class RunStatus:
     NO_NEW_DATA = "no new data"  # scheduled run stopped early: the champion's data
     FAILED = "failed"  # a stage or the registry failed: nothing registered
     ROLLED_BACK = "rolled back"  # a person gave the champion alias back to the previous version
+    FORCED = "promoted by hand"  # a person promoted a version past the gate, with a reason
 
     UNTRAINED = (NOTHING_NEW, NO_NEW_DATA)  # runs that trained nothing
     OWN_OUTPUTS = (PROMOTED, REJECTED, NOTHING_NEW)  # the workspace holds this run's model
-    WITHOUT_EVALUATION = (NO_NEW_DATA, FAILED, ROLLED_BACK)  # no evaluation of this run to show
+    WITHOUT_EVALUATION = (NO_NEW_DATA, FAILED, ROLLED_BACK, FORCED)  # no evaluation of this run to show
 
 
 class Decision:
@@ -27,6 +28,7 @@ class Decision:
 
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    FORCED = "forced"  # promoted by a person past the gate (the reason is recorded)
 
 
 # Where a registered version came from, in the order reports show them.

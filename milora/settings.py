@@ -274,6 +274,9 @@ class RegistrySettings(Section):
     artifact_location: str = Field("mlartifacts", description="where a new experiment stores artifacts")
     experiment: str = Field("milora-retrain")
     model_name: str = Field("milora-company-assistant", description="registered model name")
+    champion_dir: str = Field(
+        "outputs/champion", description="the champion re-scored on the challenger's items (paired.json)"
+    )
     gate: GateSettings = Field(default_factory=GateSettings)
 
 

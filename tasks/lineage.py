@@ -52,16 +52,21 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def uncommitted_files(settings: Settings) -> list[str]:
-    """What the commit does not hold: tracked files that differ from HEAD, and company files
-    the ingest stage reads that git does not track (a new drop not yet committed). Empty
-    outside a git checkout (nothing to compare with)."""
+    """What the commit does not hold: tracked files that differ from HEAD (but ``dvc.lock`` and
+    ``.gitignore`` files, DVC's records of outputs), and company files the ingest stage reads
+    that git does not track (a new drop not yet committed). Empty outside a git checkout."""
     root = settings.root
     changed = _git(root, "status", "--porcelain", "--untracked-files=no")
     if changed is None:
         return []
     from milora.data.readers import resolve_sources
 
-    found = [line[3:] for line in changed.splitlines() if line.strip()]
+    # dvc.lock and .gitignore files are what DVC writes about outputs, not inputs of the run.
+    found = [
+        line[3:]
+        for line in changed.splitlines()
+        if line.strip() and line[3:] != LOCK_FILE and Path(line[3:]).name != ".gitignore"
+    ]
     tracked = set((_git(root, "ls-files") or "").splitlines())
     for path in resolve_sources(settings.ingest.sources, root):
         if path.is_relative_to(root.resolve()) or path.is_relative_to(root):

@@ -36,13 +36,14 @@ from milora.layout import (
     LOSS_PLOT,
     LOSS_TABLE,
     METRICS,
+    PAIRED,
     RAW_ADAPTER,
     RUN_KEY,
     SERVED_ADAPTER,
     SUMMARY,
     adapter_digest,
 )
-from milora.promotion import by_suite, flatten, gate
+from milora.promotion import PairedDifference, by_suite, flatten, gate
 from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision, RunStatus
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, TEMPFAIL, parse_overrides, run_command, stage_task
@@ -50,14 +51,17 @@ from tasks.registry import (
     CHALLENGER,
     CHAMPION,
     DECISION_TAG,
+    OVERRIDE_TAG,
     PREVIOUS,
     REASONS_TAG,
+    RESCORED_TAG,
     ROLLED_BACK,
     SERVING_MAX_NEW_TOKENS,
     TRAIN_PREFIX,
     Registry,
     RegistryError,
     RunWriter,
+    Version,
     is_registry_error,
     is_transient,
     retry_on_registry_fault,
@@ -126,6 +130,7 @@ def _inputs(settings: Settings) -> dict[str, Path]:
         "dataset": settings.path(settings.validation.dataset_dir),
         "lock": settings.root / LOCK_FILE,
         "dvc_params": settings.root / "params.yaml",
+        "champion": settings.path(settings.registry.champion_dir),
     }
 
 
@@ -236,6 +241,10 @@ def _log_artifacts(run: RunWriter, paths: dict[str, Path]) -> None:
     for key in ("lock", "dvc_params"):
         if paths[key].is_file():
             run.log_file(paths[key], LINEAGE_ARTIFACTS)
+    champion = paths["champion"]
+    if (champion / "paired.json").is_file():
+        for path in sorted(champion.glob("*.json")) + sorted(champion.glob("*.md")):
+            run.log_file(path, "eval/champion")
     for folder in (paths["raw"], paths["served"]):
         for path in adapter_files(folder):
             parent = path.parent.relative_to(folder)
@@ -269,6 +278,18 @@ def _check_evaluated(paths: dict[str, Path], digest: str) -> None:
         )
     if info.get("adapter") and Path(info["adapter"]).resolve() != paths["raw"].resolve():
         logger.warning("the evaluation is of %s, not of %s", info["adapter"], paths["raw"])
+
+
+def _rescored(folder: Path, registry: Registry) -> tuple[str, dict[str, dict[str, float]]] | None:
+    """The champion comparison of this run (``tasks.champion``), if it was made against the
+    champion of now: (its version, per-suite paired metrics)."""
+    path = folder / PAIRED
+    found = _read_json(path) if path.is_file() else {}
+    version = found.get("champion_version")
+    champion = registry.alias(CHAMPION)
+    if not version or champion is None or champion.number != str(version):
+        return None
+    return str(version), found.get("suites") or {}
 
 
 # --------------------------------------------------------------------------- register
@@ -321,6 +342,12 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     run_tags = {**tags, "registered_model": name}
     if summary_md.is_file():
         run_tags["mlflow.note.content"] = summary_md.read_text(encoding="utf-8")
+    rescored = _rescored(paths["champion"], registry)
+    if rescored:
+        version, paired = rescored
+        flat.update(flatten(paired))
+        run_tags[RESCORED_TAG] = version
+        tags[RESCORED_TAG] = version
     now = int(time.time() * 1000)
     with registry.new_run(f"{spec.method}-r{spec.r}-{lineage['data_version'][:8]}", run_tags) as run:
         run.log_metrics(
@@ -347,11 +374,34 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- promote, rollback
-def promote(settings: Settings, version: str) -> dict[str, Any]:
+def _other_base(candidate: Version, champion: Version) -> str | None:
+    """Why two versions' scores are not comparable (different base models), or None."""
+    for key in ("base_model_digest", "base_model"):
+        new, old = candidate.tags.get(key), champion.tags.get(key)
+        if new and old:
+            if new != old:
+                return (
+                    f"version {candidate.number} is on base {candidate.tags.get('base_model')} "
+                    f"({key} {new[:24]}), champion v{champion.number} on {champion.tags.get('base_model')} "
+                    f"({old[:24]}): their scores are not comparable"
+                )
+            return None
+    return None
+
+
+def promote(settings: Settings, version: str, *, force: bool = False, reason: str = "") -> dict[str, Any]:
     """Run the gate for ``version`` against the champion; on a pass it becomes the champion.
 
     A rejection is a normal outcome (returned, not raised): the champion stays, and the
-    version's tags say which condition failed by how much."""
+    version's tags say which condition failed by how much. The champion's scores are the
+    ones re-scored on the challenger's items in the same run when there are any (the
+    version's ``gate.rescored_champion`` tag names that champion), else its stored ones (said
+    in the reasons). A challenger on another base model than the champion is refused.
+    ``force`` (with a ``reason``) is a person's decision past the gate: recorded on the
+    version and as a run in the report."""
+    if force and not reason.strip():
+        raise RegistryError('a forced promotion needs a reason (--reason "..."), recorded in the registry')
+    started = time.perf_counter()
     registry = Registry(settings)
     candidate = registry.version(str(version))
     number = candidate.number
@@ -365,29 +415,45 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
             "champion": number,
             "previous": current.tags.get(PREVIOUS) or None,
         }
-    champion_metrics = registry.eval_metrics(current.run_id) if current is not None else None
-    result = gate(registry.eval_metrics(candidate.run_id), champion_metrics, settings.registry.gate)
+    refused = _other_base(candidate, current) if current is not None else None
+    if refused:
+        passed, reasons = False, [f"{refused}: FAILED (promote it by hand with --force --reason if intended)"]
+    else:
+        rescored = candidate.tags.get(RESCORED_TAG)
+        champion_metrics = registry.eval_metrics(current.run_id) if current is not None else None
+        result = gate(
+            registry.eval_metrics(candidate.run_id),
+            champion_metrics,
+            settings.registry.gate,
+            rescored=rescored if current is not None and rescored == previous else None,
+        )
+        passed, reasons = result.passed, result.reasons
+    decision = Decision.PROMOTED if passed else Decision.REJECTED
+    if force and not passed:
+        decision, reasons = Decision.FORCED, [f"forced by hand: {reason.strip()}", *reasons]
     compared = f" (against champion v{previous})" if previous else ""
-    registry.tag(
-        number, {DECISION_TAG: result.decision, REASONS_TAG: ("; ".join(result.reasons) + compared)[:5000]}
-    )
-    if result.passed:
+    tags = {DECISION_TAG: decision, REASONS_TAG: ("; ".join(reasons) + compared)[:5000]}
+    if decision == Decision.FORCED:
+        tags[OVERRIDE_TAG] = reason.strip()[:5000]
+    registry.tag(number, tags)
+    if decision in (Decision.PROMOTED, Decision.FORCED):
         registry.tag(number, {PREVIOUS: previous or ""})
         if candidate.tags.get(ROLLED_BACK):
             registry.untag(number, ROLLED_BACK)
         registry.set_alias(CHAMPION, number)  # the switch, last
-        logger.info("%s version %s promoted to %s (was %s)", registry.name, number, CHAMPION, previous)
+        logger.info("%s version %s %s to %s (was %s)", registry.name, number, decision, CHAMPION, previous)
     else:
-        logger.info(
-            "%s version %s rejected by the gate: %s", registry.name, number, "; ".join(result.reasons)
-        )
-    return {
+        logger.info("%s version %s rejected by the gate: %s", registry.name, number, "; ".join(reasons))
+    result = {
         "version": number,
-        "decision": result.decision,
-        "reasons": result.reasons,
-        "champion": number if result.passed else previous,
+        "decision": decision,
+        "reasons": reasons,
+        "champion": number if decision != Decision.REJECTED else previous,
         "previous": previous,
     }
+    if decision == Decision.FORCED:
+        _record_run(settings, RunStatus.FORCED, time.perf_counter() - started, decision=result)
+    return result
 
 
 def rollback(settings: Settings) -> dict[str, Any]:
@@ -449,9 +515,26 @@ def _describe(registry: Registry, role: str) -> list[str]:
     lines = [f"{role}: version {version.number} (run {version.run_id})"]
     for suite, values in sorted(by_suite(registry.eval_metrics(version.run_id)).items()):
         shown = [f"score {values['score']:.4f}"] if "score" in values else []
-        shown += [f"{key} {values[key]:.4f}" for key in ("base_score", "forgetting") if key in values]
+        shown += [f"n {int(values['n'])}"] if "n" in values else []
+        shown += [
+            f"{key} {values[key]:.4f}"
+            for key in ("base_score", "forgetting", "champion_score")
+            if key in values
+        ]
+        paired = PairedDifference.from_metrics(values)
+        if paired is not None:
+            shown.append(f"vs champion v{version.tags.get(RESCORED_TAG)} {paired.text()}")
         lines.append(f"  {suite}: {', '.join(shown)}")
-    for key in (*LINEAGE_KEYS, "method", "rank", PREVIOUS, ROLLED_BACK, DECISION_TAG, REASONS_TAG):
+    for key in (
+        *LINEAGE_KEYS,
+        "method",
+        "rank",
+        PREVIOUS,
+        ROLLED_BACK,
+        DECISION_TAG,
+        REASONS_TAG,
+        OVERRIDE_TAG,
+    ):
         if version.tags.get(key):
             lines.append(f"  {key}: {version.tags[key]}")
     return lines
@@ -475,13 +558,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "promote", help="run the gate; promote VERSION to champion if it passes"
     )
     promote_cmd.add_argument("version")
+    promote_cmd.add_argument(
+        "--force", action="store_true", help="promote even if the gate rejects it (a person's decision)"
+    )
+    promote_cmd.add_argument(
+        "--reason", default="", help="why (required with --force; recorded in the registry)"
+    )
     commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     commands.add_parser("show", help="champion and challenger with metrics and tags")
     args = parser.parse_args(argv)
     settings = load_settings(args.params, parse_overrides(args.set, parser))
     try:
         if args.command == "promote":
-            result = promote(settings, args.version)
+            result = promote(settings, args.version, force=args.force, reason=args.reason)
             print(f"version {result['version']}: {result['decision']} (champion: {result['champion']})")
             for reason in result["reasons"]:
                 print(f"  - {reason}")

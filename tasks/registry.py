@@ -48,6 +48,8 @@ PREVIOUS = "previous_champion"  # on a promoted version: the champion it replace
 ROLLED_BACK = "rolled_back"  # on a version demoted by a rollback
 DECISION_TAG = "gate.decision"
 REASONS_TAG = "gate.reasons"
+RESCORED_TAG = "gate.rescored_champion"  # the champion re-scored on this version's items
+OVERRIDE_TAG = "gate.override"  # why a person promoted this version past the gate
 TRAIN_PREFIX = "train/"  # per-step training metrics; evaluation metrics are <suite>.<metric>
 
 SERVING_CODE = Path(__file__).with_name("serving_model.py")  # the pyfunc model, logged as code

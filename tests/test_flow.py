@@ -293,3 +293,15 @@ def test_uncommitted_code_params_and_drops_are_named(tmp_path, chat_model_dir):
         require_committed(settings, allow=False)
     assert require_committed(settings, allow=True) == ["company/drop_02/train.jsonl", "params.yaml"]
     assert git_commit(root, dirty=True).endswith("-dirty")
+
+
+def test_dvc_records_of_outputs_are_not_uncommitted_inputs(tmp_path, chat_model_dir):
+    from tasks.lineage import uncommitted_files
+
+    root = make_project(tmp_path / "project", chat_model_dir)
+    (root / "dvc.lock").write_text("schema: '2.0'\n")
+    git(root, "add", "dvc.lock")
+    git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "lock")
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # the next run rewrites it
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/dataset\n")
+    assert uncommitted_files(load_settings(root / "params.yaml")) == []

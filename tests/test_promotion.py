@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from milora.promotion import FIRST_MODEL, by_suite, flatten, gate
+from milora.promotion import FIRST_MODEL, by_suite, flatten, gate, paired_difference
 from milora.records import Decision
 from milora.settings import GateSettings
 
@@ -119,3 +119,60 @@ def test_the_gate_loads_without_torch_or_mlflow():
     code = "import sys, milora.promotion, milora.settings; print(sorted(m for m in ('torch', 'mlflow', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- paired, same items
+def test_paired_difference_is_seeded_and_honest_about_noise():
+    same = paired_difference([1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0])
+    assert (same.mean, same.low, same.high, same.n) == (0.0, 0.0, 0.0, 4)
+    better = paired_difference([1.0] * 40 + [0.0] * 10, [0.0] * 30 + [1.0] * 20)
+    assert better == paired_difference([1.0] * 40 + [0.0] * 10, [0.0] * 30 + [1.0] * 20)  # seeded
+    assert better.mean == pytest.approx(0.4) and 0.1 < better.low < 0.4 < better.high < 0.7
+    one_item = paired_difference([1.0] + [0.0] * 89, [0.0] * 90)  # one question of 90: noise
+    assert one_item.low == 0.0 and one_item.mean == pytest.approx(1 / 90)
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([1.0], [1.0, 0.0])
+
+
+def paired(suite: str, new: list[float], old: list[float]) -> dict[str, float]:
+    return {f"{suite}.{key}": value for key, value in paired_difference(new, old).metrics().items()}
+
+
+def test_on_the_same_items_only_a_challenger_better_beyond_noise_is_promoted():
+    equal = {**CHAMPION, **paired("company", [1.0] * 45 + [0.0] * 45, [1.0] * 45 + [0.0] * 45)}
+    result = gate(equal, CHAMPION, RULES, rescored="3")
+    assert not result.passed
+    (reason,) = [r for r in result.reasons if r.startswith("company")]
+    assert reason == (
+        "company vs champion v3 on the same items: +0.0000 [95% CI +0.0000, +0.0000], n=90 paired items; "
+        "low end > min gain 0.0000 (better beyond noise): FAILED"
+    )
+    noise = {**CHAMPION, **paired("company", [1.0] * 46 + [0.0] * 44, [1.0] * 45 + [0.0] * 45)}
+    assert not gate(noise, CHAMPION, RULES, rescored="3").passed  # one question better: noise
+    better = {**CHAMPION, **paired("company", [1.0] * 70 + [0.0] * 20, [1.0] * 45 + [0.0] * 45)}
+    assert gate(better, CHAMPION, RULES, rescored="3").passed
+    worse = {**CHAMPION, **paired("company", [1.0] * 30 + [0.0] * 60, [1.0] * 45 + [0.0] * 45)}
+    assert not gate(worse, CHAMPION, RULES, rescored="3").passed
+    # Measured against another champion than the one of now: the pairs are not used.
+    fallback = gate({**equal, "company.score": 0.6}, CHAMPION, RULES, rescored=None)
+    assert fallback.passed and fallback.reasons[0].startswith("company score 0.6000 >= champion 0.5000")
+
+
+def test_other_suites_on_the_same_items_fail_only_when_worse_beyond_noise_and_tolerance():
+    better = paired("company", [1.0] * 70 + [0.0] * 20, [1.0] * 45 + [0.0] * 45)
+    slip = paired("recall", [1.0] * 44 + [0.0] * 46, [1.0] * 45 + [0.0] * 45)  # one item: noise
+    assert gate({**CHAMPION, **better, **slip}, CHAMPION, RULES, rescored="3").passed
+    drop = paired("recall", [1.0] * 20 + [0.0] * 70, [1.0] * 45 + [0.0] * 45)
+    result = gate({**CHAMPION, **better, **drop}, CHAMPION, RULES, rescored="3")
+    assert not result.passed
+    assert any(
+        r.startswith("recall vs champion v3 on the same items: -0.2778") and r.endswith("FAILED")
+        for r in result.reasons
+    )
+
+
+def test_stored_scores_of_different_sizes_are_said_to_be_so():
+    new = {"company.score": 0.6, "company.n": 90.0}
+    old = {"company.score": 0.5, "company.n": 80.0}
+    (reason,) = gate(new, old, RULES).reasons
+    assert reason.endswith("(n=90 vs 80: stored scores of different items, not re-scored): ok")

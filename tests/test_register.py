@@ -417,7 +417,7 @@ def test_gate_rejection_keeps_the_champion_and_records_why(model, tmp_path):
     worse = with_metrics(model, tmp_path / "challenger", **{**base, "company__score": 0.3})
     challenger = reg.register(worse, lineage(2))
     decision = reg.promote(model, challenger["version"])
-    failed = "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED"
+    failed = "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000 (n=6; stored scores): FAILED"
     assert decision["decision"] == "rejected" and decision["champion"] == "1" and decision["previous"] == "1"
     assert failed in decision["reasons"], decision["reasons"]
     assert alias(client, name, "champion") == "1" and alias(client, name, "challenger") == "2"
@@ -490,6 +490,8 @@ def test_command_show_promote_rollback(model, tmp_path, capsys):
     assert "company: score 0.2500" in out and f"data_version: {DATA_VERSION}" in out
     assert command("rollback") == 1
     assert "first champion: there is no previous champion" in capsys.readouterr().err
+    assert command("promote", "1", "--force") == 1
+    assert "a forced promotion needs a reason" in capsys.readouterr().err
 
 
 def test_adapters_changed_after_evaluation_are_refused(model, tmp_path):
@@ -506,3 +508,32 @@ def test_adapters_changed_after_evaluation_are_refused(model, tmp_path):
     with pytest.raises(registry.RegistryError, match="the adapters changed after evaluation"):
         reg.register(moved, lineage("truncated"))
     assert versions(client_of(model), model.registry.model_name) == []
+
+
+def test_another_base_is_refused_and_a_person_can_force_with_a_reason(model, tmp_path):
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    reg.promote(model, first["version"])
+    other = model.with_overrides({"base_model": str(tmp_path / "other-base")})
+    shutil.copytree(model.base_model, tmp_path / "other-base")
+    (tmp_path / "other-base" / "config.json").write_text(
+        (tmp_path / "other-base" / "config.json").read_text() + " "
+    )  # other weights digest
+    second = reg.register(with_metrics(other, tmp_path / "v2", company__score=0.9), lineage(2))
+    decision = reg.promote(model, second["version"])
+    assert decision["decision"] == "rejected" and decision["champion"] == "1"
+    assert "their scores are not comparable" in decision["reasons"][0]
+
+    with pytest.raises(registry.RegistryError, match="needs a reason"):
+        reg.promote(model, second["version"], force=True)
+    forced = reg.promote(model, second["version"], force=True, reason="new base, validated by QA ticket 42")
+    assert forced["decision"] == "forced" and forced["champion"] == "2" and forced["previous"] == "1"
+    tags = client.get_model_version(name, "2").tags
+    assert (
+        tags["gate.override"] == "new base, validated by QA ticket 42" and tags["gate.decision"] == "forced"
+    )
+    assert tags["gate.reasons"].startswith("forced by hand: new base, validated by QA ticket 42")
+    assert alias(client, name, "champion") == "2"
+    records = [json.loads(p.read_text()) for p in model.path("outputs/runs").glob("*.json")]
+    assert any(r["status"] == "promoted by hand" and r["decision"] == forced for r in records)

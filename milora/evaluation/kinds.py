@@ -29,10 +29,20 @@ class SuiteKind:
     required_keys: tuple[str, ...]  # fields every item must have
     metrics: tuple[str, ...]  # headline metrics it can report; the first is the default
     text_lines: bool = False  # a .txt file is one item per line ({"text": line})
+    # The field of each prediction row holding that item's score (``metric``: the row field
+    # named like the suite's headline metric); None: only an aggregate (no paired comparison).
+    item_field: str | None = "metric"
 
     @property
     def default_metric(self) -> str:
         return self.metrics[0]
+
+    def item_scores(self, rows: list[dict[str, Any]], metric: str) -> list[float] | None:
+        """Each item's score in prediction ``rows`` (same order as the items), or None."""
+        if self.item_field is None:
+            return None
+        field = metric if self.item_field == "metric" else self.item_field
+        return [float(row[field]) for row in rows]
 
     def score(self, *args: Any, **kwargs: Any) -> SuiteResult:
         """Run the kind's function (loads the model-side code on first use)."""
@@ -41,7 +51,9 @@ class SuiteKind:
 
 SUITE_KINDS: dict[str, SuiteKind] = {
     "qa": SuiteKind("run_qa", ("question", "answer"), QA_METRICS),
-    "commonsense": SuiteKind("run_commonsense", ("instruction", "answer"), ("accuracy",)),
-    "gsm8k": SuiteKind("run_gsm8k", ("question", "answer"), ("accuracy",)),
-    "perplexity": SuiteKind("run_perplexity", (), ("perplexity",), text_lines=True),
+    "commonsense": SuiteKind(
+        "run_commonsense", ("instruction", "answer"), ("accuracy",), item_field="correct"
+    ),
+    "gsm8k": SuiteKind("run_gsm8k", ("question", "answer"), ("accuracy",), item_field="correct"),
+    "perplexity": SuiteKind("run_perplexity", (), ("perplexity",), text_lines=True, item_field=None),
 }

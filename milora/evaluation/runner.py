@@ -23,9 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from milora.errors import UserFacingError
 from milora.evaluation.datasets import read_items
-from milora.evaluation.kinds import SUITE_KINDS
+from milora.evaluation.kinds import SUITE_KINDS, SuiteKind
 from milora.evaluation.scoring import forgetting
 from milora.evaluation.suites import SuiteResult
+from milora.promotion import CONFIDENCE, PairedDifference, paired_difference
 from milora.settings import SuiteSettings
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class Comparison:
     adapter: float
     retention: bool
     forgetting: float | None = field(default=None)
+    champion: float | None = None  # the champion's score on the same items, when re-scored
+    paired: PairedDifference | None = None  # adapter - champion per item, with its interval
 
     @property
     def change(self) -> float | None:
@@ -185,20 +188,42 @@ class Comparison:
 
 
 def compare(
-    base: Mapping[str, SuiteResult], adapter: Mapping[str, SuiteResult], suites: Mapping[str, SuiteSettings]
+    base: Mapping[str, SuiteResult],
+    adapter: Mapping[str, SuiteResult],
+    suites: Mapping[str, SuiteSettings],
+    champion: Mapping[str, SuiteResult] | None = None,
 ) -> list[Comparison]:
     """Per suite: base and adapter score; forgetting for retention suites (the drop of the
-    score, or the relative rise of perplexity: positive = knowledge lost)."""
+    score, or the relative rise of perplexity: positive = knowledge lost); with ``champion``
+    (scored on the same items), its score and the paired per-item difference."""
     rows = []
     for name, result in adapter.items():
         before = base[name].score if name in base else None
         lost = None
         if suites[name].retention and before is not None:
             lost = forgetting(before, result.score, result.metric)
-        rows.append(
-            Comparison(name, result.metric, result.n, before, result.score, suites[name].retention, lost)
-        )
+        row = Comparison(name, result.metric, result.n, before, result.score, suites[name].retention, lost)
+        held = (champion or {}).get(name)
+        if held is not None:
+            row.champion = held.score
+            row.paired = paired_on_same_items(result, held, SUITE_KINDS[suites[name].kind])
+        rows.append(row)
     return rows
+
+
+def paired_on_same_items(new: SuiteResult, old: SuiteResult, kind: SuiteKind) -> PairedDifference | None:
+    """``new - old`` item by item, when both scored the very same items and the kind keeps
+    per-item scores (not perplexity)."""
+    new_items, old_items = (
+        kind.item_scores(new.predictions, new.metric),
+        kind.item_scores(old.predictions, old.metric),
+    )
+    if new_items is None or old_items is None or len(new_items) != len(old_items) or not new_items:
+        return None
+    asked = [row.get("question", row.get("answer")) for row in new.predictions]
+    if asked != [row.get("question", row.get("answer")) for row in old.predictions]:
+        return None  # other items: never paired
+    return paired_difference(new_items, old_items)
 
 
 def flat_metrics(rows: Iterable[Comparison], adapter: Mapping[str, SuiteResult]) -> dict[str, Any]:
@@ -211,26 +236,43 @@ def flat_metrics(rows: Iterable[Comparison], adapter: Mapping[str, SuiteResult])
             entry["base_score"] = row.base
         if row.forgetting is not None:
             entry["forgetting"] = row.forgetting
+        entry["n"] = row.n
+        if row.champion is not None:
+            entry["champion_score"] = row.champion
+        if row.paired is not None:
+            entry.update(row.paired.metrics())
         metrics[row.suite] = entry
     return metrics
 
 
-def summary_table(rows: Iterable[Comparison]) -> str:
-    """A Markdown table: suite, metric, n, base, adapter, change, forgetting."""
-    lines = [
-        "| suite | metric | n | base | adapter | change | forgetting |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+def summary_table(rows: Iterable[Comparison], champion: str | None = None) -> str:
+    """A Markdown table: suite, metric, n, base, adapter, change, forgetting (and, with the
+    ``champion`` version re-scored, its score and the paired difference)."""
+    rows = list(rows)
+    header = "| suite | metric | n | base | adapter | change | forgetting |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if champion:
+        header += f" champion v{champion} | adapter - champion (paired, {CONFIDENCE:.0%} CI) |"
+        rule += "---:|---:|"
+    lines = [header, rule]
 
     def show(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
     for row in rows:
         change = "" if row.change is None else f"{row.change:+.4f}"
-        lines.append(
+        line = (
             f"| {row.suite} | {row.metric} | {row.n} | {show(row.base)} | {row.adapter:.4f} | {change} "
             f"| {show(row.forgetting)} |"
         )
+        if champion:
+            paired = (
+                ""
+                if row.paired is None
+                else f"{row.paired.mean:+.4f} [{row.paired.low:+.4f}, {row.paired.high:+.4f}]"
+            )
+            line += f" {show(row.champion)} | {paired} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -311,3 +353,86 @@ def evaluate_adapter(
         ),
     )
     return metrics, rows
+
+
+# --------------------------------------------------------------------------- against the champion
+
+
+def read_results(folder: Path, suites: Iterable[str]) -> dict[str, SuiteResult]:
+    """The ``<suite>.json`` results an evaluation wrote (suites without a file are left out)."""
+    found = {}
+    for name in suites:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            found[name] = SuiteResult(**json.loads(path.read_text(encoding="utf-8")))
+    return found
+
+
+def compare_with_champion(
+    base_path: str | os.PathLike[str],
+    champion_adapter: str | os.PathLike[str],
+    champion: str,
+    evaluated: str | os.PathLike[str],
+    suites: Mapping[str, SuiteSettings],
+    root: Path,
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Score ``champion``'s served adapter (a plain LoRA for the stock base) on the very items
+    the challenger was scored on in ``evaluated``, and pair them item by item.
+
+    Champion results are cached per base weights, adapter and suite (as the base's are), so
+    a champion is scored once per suite content. Writes ``<suite>.json`` (the champion's
+    predictions), ``paired.json`` (per suite: the champion's score and the challenger minus
+    champion difference with its interval) and ``summary.md``; returns ``paired.json``."""
+    from peft import PeftModel
+
+    from milora.atomic import atomic_directory
+    from milora.layout import PAIRED, adapter_digest
+    from milora.modeling import load_base_model, load_tokenizer
+
+    challenger = read_results(Path(evaluated), suites)
+    if not challenger:
+        raise EvaluationInputError(f"{evaluated}: no suite results of the challenger to compare with")
+    base_results = read_results(Path(evaluated) / "base", suites)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
+    digest = adapter_digest(champion_adapter)
+
+    def score(missing: Mapping[str, SuiteSettings]) -> dict[str, SuiteResult]:
+        model = load_base_model(base_path, trust_remote_code=trust_remote_code)
+        wrapped = PeftModel.from_pretrained(model, champion_adapter).eval()
+        return evaluate_model(
+            wrapped, tokenizer, missing, root, batch_size=batch_size, label=f"champion v{champion}"
+        )
+
+    held = cached_results(
+        f"{weights_digest(base_path)}+{digest}", suites, root, cache_dir, score, batch_size=batch_size
+    )
+    rows = compare(base_results, challenger, {n: suites[n] for n in challenger}, held)
+    paired = {
+        "champion_version": champion,
+        "champion_adapter_digest": digest,
+        "suites": {
+            row.suite: {
+                "n": row.n,
+                "champion_score": row.champion,
+                **(row.paired.metrics() if row.paired is not None else {}),
+            }
+            for row in rows
+            if row.champion is not None
+        },
+    }
+    with atomic_directory(Path(out_dir)) as scratch:
+        for name, result in held.items():
+            result.write(scratch / f"{name}.json")
+        (scratch / PAIRED).write_text(json.dumps(paired, indent=1, sort_keys=True) + "\n")
+        (scratch / "summary.md").write_text(summary_table(rows, champion))
+    logger.info(
+        "against champion v%s: %s",
+        champion,
+        "; ".join(f"{r.suite} {r.paired.text()}" for r in rows if r.paired is not None) or "no paired suite",
+    )
+    return paired
