@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run compare method-demo deploy test lint format bench demo-data clean
+.PHONY: install run compare method-demo deploy test lint format bench demo-data clean experiments
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ demo-data: $(DEMO_BASE)/config.json
 # and params retrains nothing.
 run: $(STAMP) $(DEMO_BASE)/config.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.retrain
+
+# DVC experiments side by side, readable: the settings that differ between them and the
+# numbers that matter (scores, forgetting, n, loss), not every policy and string. Run
+# experiments with `dvc exp run --temp -S train.rank=8` (in a temporary copy: the workspace
+# the scheduled flow uses, params.yaml included, is never changed).
+EXP_COLUMNS ?= train\.(method|rank|alpha|profile|target_modules)$$|.*\.(score|forgetting|n)$$|(train_loss|global_step)$$
+experiments:
+	$(BIN)/dvc exp show --only-changed --drop '.*' --keep '$(EXP_COLUMNS)' $(EXP_SHOW_ARGS)
 
 # The method comparison on the demo world (params.yaml `compare`): lora, pissa and milora,
 # 3 seeds each plus a learning-rate sweep, scored along training -> outputs/compare.

@@ -173,6 +173,8 @@ def _reason(record: dict[str, Any]) -> str:
     failed = [r for r in decision.get("reasons") or [] if str(r).endswith("FAILED")]
     if failed:
         return "; ".join(failed)
+    if record.get("status") == RunStatus.FORCED:
+        return str(((record.get("decision") or {}).get("reasons") or [""])[0])
     if record.get("status") == RunStatus.ROLLED_BACK:
         rolled = record.get("rollback") or {}
         return f"champion v{rolled.get('previous', '?')} -> v{rolled.get('champion', '?')}"

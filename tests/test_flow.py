@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import git, make_project, write_jsonl
+from conftest import REPO, git, make_project, write_jsonl
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -145,8 +145,10 @@ def test_dvc_repro_on_a_clean_checkout_and_experiments(project, tmp_path):
 
     git(clone, "add", "dvc.lock", "params.yaml")
     git(clone, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "milora baseline")
-    ran = dvc(clone, "exp", "run", "-S", "train.method=lora", "--name", "lora-r4")
-    assert "Stage 'ingest' didn't change" in ran and "Running stage 'train'" in ran
+    workspace = (clone / "params.yaml").read_bytes()
+    ran = dvc(clone, "exp", "run", "--temp", "-S", "train.method=lora", "--name", "lora-r4")
+    assert "Running stage 'train'" in ran, ran
+    assert (clone / "params.yaml").read_bytes() == workspace  # --temp: the workspace is untouched
     table = json.loads(dvc(clone, "exp", "show", "--json"))
     rows = {}
     for commit in table:
@@ -156,9 +158,26 @@ def test_dvc_repro_on_a_clean_checkout_and_experiments(project, tmp_path):
                 data["params"]["params.yaml"]["data"]["train"]["method"],
                 data["metrics"]["outputs/eval/metrics.json"]["data"]["company"]["score"],
             )
-    assert rows["lora-r4"][0] == "lora" and rows["workspace"][0] == "lora"
+    assert rows["lora-r4"][0] == "lora" and rows["workspace"][0] == "milora"
     baseline = [row for name, row in rows.items() if name not in ("lora-r4", "workspace")]
     assert baseline == [("milora", metrics["company"]["score"])], rows
+
+    # `make experiments`: the same table, readable (the settings that differ, the numbers that matter).
+    dry = subprocess.run(
+        ["make", "-n", "-s", "-C", str(REPO), "experiments", f"BIN={Path(sys.executable).parent}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    shown = subprocess.run(
+        f"{dry} --csv", shell=True, cwd=clone, capture_output=True, text=True, env=stage_env()
+    )
+    assert shown.returncode == 0, shown.stderr
+    columns = shown.stdout.splitlines()[0].split(",")
+    assert "train.method" in columns and "company.score" in columns and "recall.forgetting" in columns
+    assert len(columns) <= 14 and not any(
+        c.startswith(("validate.", "ingest.", "compare.")) for c in columns
+    ), columns
 
 
 def published(root: Path, folders: list[str]) -> dict[str, str]:

@@ -537,3 +537,5 @@ def test_another_base_is_refused_and_a_person_can_force_with_a_reason(model, tmp
     assert alias(client, name, "champion") == "2"
     records = [json.loads(p.read_text()) for p in model.path("outputs/runs").glob("*.json")]
     assert any(r["status"] == "promoted by hand" and r["decision"] == forced for r in records)
+    index = model.path("outputs/reports/index.html").read_text()
+    assert "forced by hand: new base, validated by QA ticket 42" in index

@@ -21,6 +21,8 @@ STATUS_CLASS = {
     Decision.REJECTED: "warn",
     RunStatus.FAILED: "bad",
     RunStatus.ROLLED_BACK: "warn",
+    RunStatus.FORCED: "warn",
+    Decision.FORCED: "warn",
 }
 REASON_CHARS = 2000  # of a failure's text in the index (the run's page has all of it)
 
