@@ -24,6 +24,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from milora.digests import digest_files
+
 INITIAL_ADAPTER = "init"
 CHECKPOINTS = "checkpoints"
 RAW_ADAPTER = "adapter"
@@ -48,14 +50,10 @@ def adapter_digest(*folders: str | os.PathLike[str]) -> str:
     """The content identity of adapter folders: sha256 over every weights file and adapter
     config (relative name and bytes), in order. Two trainings that produced the same adapters
     have the same digest; the manifest (timings) and model card do not count."""
-    digest = hashlib.sha256()
+    named: list[tuple[bytes, Path]] = []
     for folder in map(Path, folders):
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name in (WEIGHTS, CONFIG))
         if not files:
             raise FileNotFoundError(f"{folder}: no {WEIGHTS} or {CONFIG} to identify an adapter by")
-        for path in files:
-            digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}\0".encode())
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
-    return digest.hexdigest()
+        named += [(f"{folder.name}/{p.relative_to(folder).as_posix()}\0".encode(), p) for p in files]
+    return digest_files(hashlib.sha256(), named)

@@ -29,17 +29,10 @@ from milora.atomic import atomic_directory
 from milora.layout import PAIRED, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import run_command, stage_task
-from tasks.registry import CHAMPION, Registry, Version, retry_on_registry_fault
+from tasks.register import base_tags, other_base
+from tasks.registry import CHAMPION, Registry, retry_on_registry_fault
 
 logger = logging.getLogger(__name__)
-
-
-def comparable(champion: Version, settings: Settings) -> str | None:
-    """Why the champion cannot be compared with a model of this run's base (None: it can)."""
-    base = champion.tags.get("base_model")
-    if base and base != settings.base_model:
-        return f"champion v{champion.number} is on base model {base}, this run's is {settings.base_model}"
-    return None
 
 
 def _record(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +50,7 @@ def compare_champion(settings: Settings) -> dict[str, Any]:
     champion = registry.alias(CHAMPION) if registry is not None else None
     if champion is None:
         return _record(folder, {"champion_version": None, "why": missing or "no champion yet"})
-    refused = comparable(champion, settings)
+    refused = other_base(base_tags(settings), champion, "this run")
     if refused:
         logger.warning("%s: not re-scored (the gate refuses a challenger on another base)", refused)
         return _record(folder, {"champion_version": None, "not_comparable": refused})

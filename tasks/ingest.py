@@ -30,13 +30,13 @@ from milora.data.dataset import (
     PARTS_DIR,
     PartWriter,
     display_path,
-    file_sha256,
     part_name,
     write_manifest,
 )
 from milora.data.errors import DataValidationError, Finding
 from milora.data.normalise import FieldMapping, normalise, split_of
 from milora.data.readers import FileProblem, iter_rows, resolve_sources, unmatched_files
+from milora.digests import file_sha256
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import run_command
 

@@ -21,6 +21,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from milora.digests import digest_files
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
 from tasks import LOCK_FILE
@@ -32,14 +33,11 @@ def raw_data_hash(settings: Settings) -> str:
     """sha256 over the (relative name, bytes) of every file ``ingest.sources`` names."""
     from milora.data.readers import resolve_sources
 
-    digest = hashlib.sha256()
+    named = []
     for path in resolve_sources(settings.ingest.sources, settings.root):
         name = path.relative_to(settings.root) if path.is_relative_to(settings.root) else path
-        digest.update(f"{name}\0".encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+        named.append((f"{name}\0".encode(), path))
+    return digest_files(hashlib.sha256(), named)
 
 
 class UncommittedChangesError(RuntimeError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from milora.digests import file_sha256
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, parse_overrides, run_command
@@ -63,10 +63,6 @@ def _lineage_files(registry: Registry, run_id: str, into: Path) -> None:
             shutil.copy(folder / name, into / name)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _same_weights(registry: Registry, run_id: str, run_dir: Path) -> bool:
     """Whether every adapter weights file logged with the run is byte-identical in ``run_dir``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +71,7 @@ def _same_weights(registry: Registry, run_id: str, run_dir: Path) -> bool:
             logged = registry.download(run_id, folder, tmp)
             for path in sorted(logged.rglob("*.safetensors")):
                 rebuilt = run_dir / folder / path.relative_to(logged)
-                if not rebuilt.is_file() or _sha256(rebuilt) != _sha256(path):
+                if not rebuilt.is_file() or file_sha256(rebuilt) != file_sha256(path):
                     logger.warning("%s differs from the registered %s", rebuilt, path.relative_to(tmp))
                     return False
                 compared += 1

@@ -374,16 +374,24 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- promote, rollback
-def _other_base(candidate: Version, champion: Version) -> str | None:
-    """Why two versions' scores are not comparable (different base models), or None."""
+def base_tags(settings: Settings) -> dict[str, str]:
+    """What a version records of its base model: the folder and, when cheap, its weights' digest."""
+    digest = _base_digest(settings.path(settings.base_model))
+    return {"base_model": settings.base_model, **({"base_model_digest": digest} if digest else {})}
+
+
+def other_base(new: Mapping[str, str], champion: Version, what: str) -> str | None:
+    """Why a model whose base is described by ``new`` (version tags or :func:`base_tags`)
+    cannot be compared with ``champion`` (another base: by weights digest when both have one,
+    else by folder), or None. ``what`` names the model in the message."""
     for key in ("base_model_digest", "base_model"):
-        new, old = candidate.tags.get(key), champion.tags.get(key)
-        if new and old:
-            if new != old:
+        mine, theirs = new.get(key), champion.tags.get(key)
+        if mine and theirs:
+            if mine != theirs:
                 return (
-                    f"version {candidate.number} is on base {candidate.tags.get('base_model')} "
-                    f"({key} {new[:24]}), champion v{champion.number} on {champion.tags.get('base_model')} "
-                    f"({old[:24]}): their scores are not comparable"
+                    f"{what} is on base {new.get('base_model')} ({key} {mine[:24]}), champion "
+                    f"v{champion.number} on {champion.tags.get('base_model')} ({theirs[:24]}): "
+                    "their scores are not comparable"
                 )
             return None
     return None
@@ -415,7 +423,7 @@ def promote(settings: Settings, version: str, *, force: bool = False, reason: st
             "champion": number,
             "previous": current.tags.get(PREVIOUS) or None,
         }
-    refused = _other_base(candidate, current) if current is not None else None
+    refused = other_base(candidate.tags, current, f"version {number}") if current is not None else None
     if refused:
         passed, reasons = False, [f"{refused}: FAILED (promote it by hand with --force --reason if intended)"]
     else:

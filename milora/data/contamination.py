@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from milora.data.dataset import display_path, file_sha256
+from milora.data.dataset import display_path
+from milora.digests import file_sha256
 
 logger = logging.getLogger(__name__)
 

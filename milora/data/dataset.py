@@ -74,15 +74,6 @@ def part_name(source: str, taken: set[str]) -> str:
     return name
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a source file, recorded in the manifest for lineage."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class PartWriter:
     """Writes rows (dicts) to one Parquet part in fixed-size row groups.
 

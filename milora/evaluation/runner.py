@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from milora.digests import digest_files
 from milora.errors import UserFacingError
 from milora.evaluation.datasets import read_items
 from milora.evaluation.kinds import SUITE_KINDS, SuiteKind
@@ -117,14 +118,9 @@ def weights_digest(model_dir: str | os.PathLike[str]) -> str:
     """A content hash of a model folder's weights and config (the base results' cache key)."""
     import xxhash
 
-    digest = xxhash.xxh3_128()
     folder = Path(model_dir)
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json"))
+    return digest_files(xxhash.xxh3_128(), [(path.name.encode(), path) for path in files])
 
 
 def _suite_key(weights: str, name: str, suite: SuiteSettings, root: Path, batch_size: int) -> str:
@@ -155,7 +151,7 @@ def cached_results(
         for name, key in keys.items():
             path = cache_dir / f"{key}.json"
             if path.is_file():
-                results[name] = SuiteResult(**json.loads(path.read_text()))
+                results[name] = SuiteResult.read(path)
     missing = {name: suite for name, suite in present.items() if name not in results}
     if missing:
         fresh = compute(missing)
@@ -364,7 +360,7 @@ def read_results(folder: Path, suites: Iterable[str]) -> dict[str, SuiteResult]:
     for name in suites:
         path = folder / f"{name}.json"
         if path.is_file():
-            found[name] = SuiteResult(**json.loads(path.read_text(encoding="utf-8")))
+            found[name] = SuiteResult.read(path)
     return found
 
 

@@ -56,6 +56,11 @@ class SuiteResult:
     metrics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> SuiteResult:
+        """A result :meth:`write` wrote."""
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
     def write(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
