@@ -139,7 +139,7 @@ def lineage(settings: Settings) -> dict[str, Any]:
 
 def unchanged_version(settings: Settings) -> str | None:
     """The registered version this project would rebuild as it stands (every DVC stage
-    unchanged since ``dvc.lock``, the same data, params, adapter and commit registered), or
+    unchanged since ``dvc.lock``, and a version of the same content registered), or
     None: then there is work for the flow."""
     from tasks.register import registered_version
     from tasks.reproduce import changed

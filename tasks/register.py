@@ -11,8 +11,9 @@ served adapter is the plain-LoRA ``adapter_for_stock_base`` (rank 2r): it belong
 the wrong model on the original one. The version is a loadable MLflow model: a "models from
 code" pyfunc (``tasks/serving_model.py``, nothing pickled) logged in the same run, holding
 that adapter and the absolute path of its base, so ``mlflow.pyfunc.load_model(
-"models:/<name>@champion")`` serves it. Re-registering the same data, parameters, adapter and
-commit registers nothing (``new: False``).
+"models:/<name>@champion")`` serves it. A version is its content (``IDENTITY_KEYS``: the
+adapters' digest, data version, params hash, base): the same content registers nothing
+(``new: False``), whatever commit or run folder produced it.
 
 ``promote`` asks the gate (:mod:`milora.promotion`) whether the challenger may replace the
 ``champion``; every decision and its numbers are recorded as version tags, and the replaced
@@ -305,8 +306,8 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     """Log the trained, evaluated adapter as one MLflow run, then register its served adapter.
 
     The registry is touched only after the run is completely logged: a failure while logging
-    ends the run FAILED and registers nothing. The same data, parameters, adapter and commit
-    registered before are not registered again (``new: False``)."""
+    ends the run FAILED and registers nothing. Content registered before (``IDENTITY_KEYS``)
+    is not registered again (``new: False``)."""
     lineage = _check_lineage(lineage)
     paths = _inputs(settings)
     flat = flatten(_read_json(paths["eval_metrics"]))
