@@ -37,7 +37,11 @@ def build_model(
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
+    # to_empty leaves buffers as garbage memory: the rotary embedding's inv_freq is rebuilt
+    # (it is a buffer, not a parameter, so the normal_ below would miss it; NaN losses otherwise).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    model = model.to(dtype)
     gen = torch.Generator().manual_seed(seed)
     for param in model.parameters():
         param.normal_(0.0, 0.02)

@@ -67,6 +67,7 @@ def measure(method: str, args, shape: dict) -> dict:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if args.device == "cuda"
         else None,
+        "losses": [round(x, 4) for x in losses],
         "losses_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
     }
     del model, optimizer, params
@@ -89,19 +90,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds, alternating which method goes first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shape = dict(LLAMA2_7B if args.full_size else QUARTER)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.device == "cpu" and not args.full_size:
         args.batch, args.seq = min(args.batch, 2), min(args.seq, 128)
-    rows = {m: measure(m, args, shape) for m in ("milora", "lora")}
+    runs: dict[str, list[dict]] = {"milora": [], "lora": []}
+    for round_ in range(args.repeat):  # alternate the order so neither method always runs first
+        order = ("milora", "lora") if round_ % 2 == 0 else ("lora", "milora")
+        for method in order:
+            runs[method].append(measure(method, args, shape))
+    rows = {m: sorted(r, key=lambda row: row["step_seconds"])[len(r) // 2] for m, r in runs.items()}
     summary = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "shape": shape,
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
+        "rounds": args.repeat,
         "milora": rows["milora"],
         "lora": rows["lora"],
         "step_time_ratio_milora_over_lora": round(
