@@ -18,11 +18,11 @@ import csv
 import functools
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from milora.atomic import atomic_write_text
 from milora.layout import LOSS_TABLE
 from milora.promotion import by_suite
 from milora.records import RunStatus
@@ -214,11 +214,7 @@ def _records(settings: Settings) -> list[tuple[Path, dict[str, Any]]]:
 
 def _write(path: Path, text: str) -> Path:
     """Write atomically: a reader (or a second report) never sees half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def html_report(settings: Settings, record: str | Path | None = None, rebuild: bool = False) -> Path:

@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from milora.atomic import atomic_directory
+from milora.atomic import atomic_directory, atomic_write_text
 from milora.data.checks import CONTENT_CHECKS, row_checks
 from milora.data.contamination import BenchmarkIndex, benchmark_files
 from milora.data.dataset import (
@@ -552,9 +552,7 @@ class _plain:
 
 def _write_summary(reports: Path, report: ValidationReport, root: Path) -> None:
     report.summary_path = reports / "summary.json"
-    scratch = reports / f".summary.json.tmp-{os.getpid()}"
-    scratch.write_text(json.dumps(report.to_dict(root), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(scratch, report.summary_path)
+    atomic_write_text(report.summary_path, json.dumps(report.to_dict(root), indent=2, sort_keys=True) + "\n")
 
 
 def check_files(

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stage_settings
+from conftest import REPO, stage_settings
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
@@ -344,3 +346,66 @@ def test_report_renders_in_headless_chromium(served, tmp_path):
         finally:
             browser.close()
     assert problems == []
+
+
+# --------------------------------------------------------------------------- dvc plots show
+def test_dvc_plots_page_is_the_committed_offline_template():
+    """`.dvc/config` points `dvc plots show` at the committed page, which is what
+    tasks.plots_page writes: the charting scripts inline, DVC's CDN tags with nowhere to go."""
+    from dvc.repo import Repo
+
+    from tasks.plots_page import TEMPLATE, render_template
+
+    with Repo(str(REPO)) as repo:
+        assert repo.config["plots"]["html_template"] == TEMPLATE.name
+    committed = (REPO / TEMPLATE).read_text(encoding="utf-8")
+    assert committed == render_template(), "run `python -m tasks.plots_page` and commit the page"
+    assert "{plot_divs}" in committed and "{scripts}" not in committed
+    assert not re.search(r"<script[^>]+src=", committed)
+
+
+def test_dvc_plots_show_renders_offline_in_headless_chromium(tmp_path):
+    """A real `dvc plots show` with the project's DVC config draws the loss curve in Chromium
+    with every network request blocked (and none made)."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium not found (/usr/bin/chromium or MILORA_CHROMIUM); `make test` installs it")
+    from playwright.sync_api import sync_playwright
+
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    for name in ("config", "plots_page.html"):
+        shutil.copy(REPO / ".dvc" / name, project / ".dvc" / name)
+    (project / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{3 / s:.4f}\n" for s in range(1, 21)))
+    (project / "dvc.yaml").write_text("plots:\n  - loss.csv:\n      x: step\n      y: loss\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "-o", "plots"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    page_file = project / "plots" / "index.html"
+    assert "cdn.jsdelivr" not in page_file.read_text(encoding="utf-8")
+
+    requests: list[str] = []
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page()
+            page.route(
+                re.compile(r"^(?!file:).*"), lambda route: (requests.append(route.request.url), route.abort())
+            )
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(page_file.as_uri())
+            drawn = page.wait_for_selector(".vega-embed canvas, .vega-embed svg", timeout=20_000)
+            box = drawn.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 100
+        finally:
+            browser.close()
+    assert requests == [] and problems == []

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from milora.adapter_io import load_adapter, save_adapter
+from milora.atomic import atomic_write_text
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
 from milora.evaluation.runner import cached_results, compare, evaluate_model, weights_digest
@@ -77,10 +78,7 @@ class RunRecord:
     key: str = ""
 
     def write(self, path: Path) -> Path:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from milora.adapter_io import factor_keys, layer_names, read_manifest
+from milora.atomic import atomic_write_text
 from milora.cache import weight_fingerprint
 from milora.layout import INITIAL_DIR, WEIGHTS
 from milora.methods import INIT_METHODS
@@ -79,10 +80,7 @@ def singular_values(weight: torch.Tensor, cache_dir: Path | None = None) -> list
             return json.loads(path.read_text())
     values = torch.linalg.svdvals(weight.detach().to(torch.float64)).tolist()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(values))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(values))
     return values
 
 
