@@ -19,18 +19,17 @@ import os
 import sys
 from typing import Any
 
-# Before Prefect loads: nothing calls out, and the stages' own loggers reach the run's logs.
-from milora.offline import OFFLINE_ENV
+# First the offline environment, before Prefect and the model hub load (flows/__init__.py; a
+# deployment loads this file as a script, outside the package, so it is imported by name).
+import flows  # noqa: F401
 
-for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milora"}.items():
-    os.environ.setdefault(_key, _value)
+# isort: split
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
-from milora.settings import DEFAULT_PARAMS, load_settings  # noqa: E402
-from tasks import parse_overrides  # noqa: E402
-from tasks.compare import dataset_task, plan, report_task, run_task  # noqa: E402
+from milora.settings import DEFAULT_PARAMS, load_settings
+from tasks import parse_overrides
+from tasks.compare import dataset_task, plan, report_task, run_task
 
 
 @flow(name="compare-methods", log_prints=True)

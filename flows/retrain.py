@@ -26,24 +26,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Before Prefect loads: nothing calls out, and the stages' own loggers reach the run's logs.
-from milora.offline import OFFLINE_ENV
+# First the offline environment, before Prefect and the model hub load (flows/__init__.py; a
+# deployment loads this file as a script, outside the package, so it is imported by name).
+import flows  # noqa: F401
 
-for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milora"}.items():
-    os.environ.setdefault(_key, _value)
+# isort: split
+from prefect import flow, get_run_logger
+from prefect.states import Failed, State
 
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect.states import Failed, State  # noqa: E402
-
-from milora.preflight import base_model_problems  # noqa: E402
-from milora.records import Decision, RunStatus  # noqa: E402
-from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings  # noqa: E402
-from tasks.champion import compare_champion_task  # noqa: E402
-from tasks.html_report import REPORTS_DIR, html_report, html_report_task  # noqa: E402
-from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version  # noqa: E402
-from tasks.register import champion_lineage, promote_task, register_task  # noqa: E402
-from tasks.report import report, report_task  # noqa: E402
-from tasks.reproduce import push_task, reproduce_task  # noqa: E402
+from milora.preflight import base_model_problems
+from milora.records import Decision, RunStatus
+from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
+from tasks.champion import compare_champion_task
+from tasks.html_report import REPORTS_DIR, html_report, html_report_task
+from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version
+from tasks.register import champion_lineage, promote_task, register_task
+from tasks.report import report, report_task
+from tasks.reproduce import push_task, reproduce_task
 
 
 def _report(settings: Settings, status: str, **facts: Any) -> dict[str, Any]:

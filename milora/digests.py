@@ -27,3 +27,14 @@ def digest_files(digest: Any, named: Iterable[tuple[bytes, Path]]) -> str:
 def file_sha256(path: str | Path) -> str:
     """Content hash of one file (source files in the manifest, weights compared on rebuild)."""
     return digest_files(hashlib.sha256(), [(b"", Path(path))])
+
+
+def folder_sha256(folder: str | Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder`` (what a rebuild compares, file
+    by file, to name the one that differs)."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): file_sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }

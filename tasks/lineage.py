@@ -10,6 +10,7 @@ restores the very dataset and adapter of a model version.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from milora.digests import digest_files
+from milora.digests import digest_files, file_sha256
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
 from tasks import LOCK_FILE
@@ -40,6 +41,36 @@ def raw_data_hash(settings: Settings) -> str:
     return digest_files(hashlib.sha256(), named)
 
 
+def raw_files(settings: Settings) -> dict[str, str]:
+    """``{path: sha256}`` of every company file the ingest stage reads (paths relative to the
+    project): logged with a version, so a rebuild can name the file that differs."""
+    from milora.data.readers import resolve_sources
+
+    return {
+        _relative(path, settings.root): file_sha256(path)
+        for path in resolve_sources(settings.ingest.sources, settings.root)
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    resolved, base = path.resolve(), root.resolve()
+    return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(path)
+
+
+def file_differences(recorded: dict[str, str], found: dict[str, str]) -> list[str]:
+    """One line per file (``{path: sha256}``) that is not as a version recorded it; empty: the same."""
+    lines = []
+    for path in sorted(recorded.keys() | found.keys()):
+        was, now = recorded.get(path), found.get(path)
+        if now is None:
+            lines.append(f"{path}: recorded with the version, missing here")
+        elif was is None:
+            lines.append(f"{path}: here, not recorded with the version")
+        elif was != now:
+            lines.append(f"{path}: content differs (sha256 {was[:12]}... recorded, {now[:12]}... here)")
+    return lines
+
+
 class UncommittedChangesError(RuntimeError):
     """The run would train on code, params or data that its git commit does not hold."""
 
@@ -52,7 +83,8 @@ def _git(root: Path, *args: str) -> str | None:
 def uncommitted_files(settings: Settings) -> list[str]:
     """What the commit does not hold: tracked files that differ from HEAD (but ``dvc.lock`` and
     ``.gitignore`` files, DVC's records of outputs), and company files the ingest stage reads
-    that git does not track (a new drop not yet committed). Empty outside a git checkout."""
+    that neither git nor a committed ``.dvc`` file versions (a new drop not yet committed or
+    ``dvc add``-ed, or changed since). Empty outside a git checkout."""
     root = settings.root
     changed = _git(root, "status", "--porcelain", "--untracked-files=no")
     if changed is None:
@@ -66,12 +98,37 @@ def uncommitted_files(settings: Settings) -> list[str]:
         if line.strip() and line[3:] != LOCK_FILE and Path(line[3:]).name != ".gitignore"
     ]
     tracked = set((_git(root, "ls-files") or "").splitlines())
-    for path in resolve_sources(settings.ingest.sources, root):
-        if path.is_relative_to(root.resolve()) or path.is_relative_to(root):
-            name = path.resolve().relative_to(root.resolve()).as_posix()
-            if name not in tracked:
-                found.append(name)
+    untracked = [
+        path
+        for path in resolve_sources(settings.ingest.sources, root)
+        if path.resolve().is_relative_to(root.resolve()) and _relative(path, root) not in tracked
+    ]
+    versioned = _dvc_versioned(root, untracked, tracked) if untracked else set()
+    found += [_relative(path, root) for path in untracked if _relative(path, root) not in versioned]
     return sorted(set(found))
+
+
+def _dvc_versioned(root: Path, paths: list[Path], tracked: set[str]) -> set[str]:
+    """Which of ``paths`` DVC versions for the commit: under the output of a ``.dvc`` file
+    git tracks (``dvc add``), with the content that file records (``dvc status`` clean)."""
+    dvc_files = sorted(name for name in tracked if name.endswith(".dvc"))
+    if not dvc_files:
+        return set()
+    from dvc.repo import Repo
+
+    covered: dict[str, str] = {}  # a file's path -> the .dvc file whose output holds it
+    for dvc_file in dvc_files:
+        spec = yaml.safe_load((root / dvc_file).read_text()) or {}
+        for out in spec.get("outs") or []:
+            out_path = (root / dvc_file).parent / out.get("path", "")
+            for path in paths:
+                if path.resolve().is_relative_to(out_path.resolve()):
+                    covered[_relative(path, root)] = dvc_file
+    if not covered:
+        return set()
+    with contextlib.chdir(root), Repo(".") as repo:
+        changed = repo.status(targets=sorted(set(covered.values())))
+    return {path for path, dvc_file in covered.items() if dvc_file not in changed}
 
 
 def require_committed(settings: Settings, allow: bool) -> list[str]:
@@ -82,7 +139,8 @@ def require_committed(settings: Settings, allow: bool) -> list[str]:
         shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
         raise UncommittedChangesError(
             f"uncommitted changes: {shown}. A registered version must be rebuildable from its git "
-            "commit: commit them (git add, git commit), or for a local try run with "
+            "commit: commit them (git add, git commit; a large drop: dvc add DROP, then commit "
+            "DROP.dvc, and the flow pushes it to the DVC remote), or for a local try run with "
             "--allow-uncommitted (the version is then tagged `uncommitted`; deployments never allow it)"
         )
     return files

@@ -7,16 +7,20 @@ A version's tags name the git commit it was trained from, and its MLflow run hol
 Rebuilding clones the commit into a new folder, puts those two files in place, and then
 either pulls the very outputs from the DVC remote (the default: the dataset and adapter
 byte for byte) or recomputes them with ``dvc repro`` (``--recompute``: the whole pipeline
-again from the raw data, for an audit). Either way it ends by checking the result against
+again from the raw data, for an audit: the drops the commit versions with DVC are pulled
+first, and every company file is checked against the hashes logged with the version, naming
+each that differs, before anything runs). Either way it ends by checking the result against
 the registry: the dataset's DVC hash against the version's ``data_version`` tag, the adapter
 weights byte for byte against the adapters logged with the version's run, and (pulled only:
-a recomputed run folder holds new timings) the run folder's hash against ``adapter_version``.
+a recomputed run folder holds new timings) the run folder's hash against ``adapter_version``;
+a recomputed dataset that differs names its files that differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,11 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from milora.digests import file_sha256
+from milora.digests import file_sha256, folder_sha256
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, parse_overrides, run_command
-from tasks.register import LINEAGE_ARTIFACTS
+from tasks.register import DATASET_FILES, LINEAGE_ARTIFACTS, RAW_FILES
 from tasks.registry import Registry, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +51,10 @@ def _git(*args: str, cwd: Path | None = None) -> None:
         raise RebuildError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def _lineage_files(registry: Registry, run_id: str, into: Path) -> None:
-    """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``."""
+def _lineage_files(registry: Registry, run_id: str, into: Path) -> dict[str, dict[str, str] | None]:
+    """``dvc.lock`` and ``params.yaml`` of the version's run into ``into``; returns the recorded
+    ``{path: sha256}`` of its company files and dataset files (None: registered before they
+    were logged)."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = registry.download(run_id, LINEAGE_ARTIFACTS, tmp)
@@ -61,6 +67,45 @@ def _lineage_files(registry: Registry, run_id: str, into: Path) -> None:
             if not (folder / name).is_file():
                 raise RebuildError(f"run {run_id} lacks {LINEAGE_ARTIFACTS}/{name}")
             shutil.copy(folder / name, into / name)
+        return {
+            name: json.loads((folder / name).read_text()) if (folder / name).is_file() else None
+            for name in (RAW_FILES, DATASET_FILES)
+        }
+
+
+def _pull_versioned_inputs(into: Path) -> None:
+    """The company drops the commit versions with DVC (``.dvc`` files), from the remote."""
+    from dvc.repo import Repo
+
+    listed = subprocess.run(["git", "ls-files", "*.dvc"], cwd=into, capture_output=True, text=True)
+    targets = [name for name in listed.stdout.splitlines() if name]
+    if not targets:
+        return
+    logger.info("pulling the DVC-tracked inputs %s", ", ".join(targets))
+    try:
+        with contextlib.chdir(into), Repo(".") as repo:
+            repo.pull(targets=targets)
+    except Exception as error:  # DVC raises its own types for a missing remote or object
+        raise RebuildError(f"could not pull the DVC-tracked inputs {', '.join(targets)}: {error}") from None
+
+
+def _check_raw_files(into: Path, recorded: dict[str, str] | None, version: str, commit: str) -> None:
+    """Before recomputing: the company files here are the ones the version read, or the error
+    names each that differs."""
+    from tasks.lineage import file_differences, raw_files
+
+    if recorded is None:
+        logger.warning("version %s records no company file hashes: a data mismatch cannot be named", version)
+        return
+    differences = file_differences(recorded, raw_files(load_settings(into / "params.yaml")))
+    if differences:
+        raise RebuildError(
+            f"version {version}'s company files are not what commit {commit[:12]} holds (with its "
+            "DVC-tracked drops), so a recompute would train on other data:\n  "
+            + "\n  ".join(differences)
+            + "\n(a version trained from uncommitted drops is tagged `uncommitted`; `rebuild` "
+            "without --recompute still pulls its outputs from the DVC remote)"
+        )
 
 
 def _same_weights(registry: Registry, run_id: str, run_dir: Path) -> bool:
@@ -121,9 +166,11 @@ def rebuild(
 
     _git("clone", "--quiet", "--no-checkout", str(settings.root), str(into))
     _git("checkout", "--quiet", "--detach", commit, cwd=into)
-    _lineage_files(registry, version.run_id, into)
+    recorded = _lineage_files(registry, version.run_id, into)
     _use_source_remote(settings.root, into)
     if recompute:
+        _pull_versioned_inputs(into)
+        _check_raw_files(into, recorded[RAW_FILES], str(version.number), commit)
         logger.info("recomputing version %s with dvc repro in %s", version.number, into)
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "repro"], cwd=into, env=stage_env(), capture_output=True, text=True
@@ -144,6 +191,14 @@ def rebuild(
         level = logging.INFO if matches[key] else logging.WARNING
         logger.log(level, "%s: recorded %s, rebuilt %s", key, tags.get(key), found[key])
     matches["adapter_weights"] = _same_weights(registry, version.run_id, into / run_dir)
+    differences = []
+    if not matches["data_version"] and recorded[DATASET_FILES] is not None:
+        from tasks.lineage import file_differences
+
+        found_files = folder_sha256(into / dataset_dir) if (into / dataset_dir).is_dir() else {}
+        differences = [
+            f"{dataset_dir}/{line}" for line in file_differences(recorded[DATASET_FILES], found_files)
+        ]
     return {
         "version": str(version.number),
         "commit": commit,
@@ -152,6 +207,7 @@ def rebuild(
         "recomputed": recompute,
         "rebuilt": found,
         "matches": matches,
+        "differences": differences,
     }
 
 
@@ -175,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, same in result["matches"].items():
         found = result["rebuilt"].get(key, "the weights files against the run's logged adapters")
         print(f"{key}: {found} ({'matches the registry' if same else 'DIFFERS from the registry'})")
+    for line in result["differences"]:
+        print(f"  {line}")
     return 0 if all(result["matches"].values()) else 1
 
 

@@ -27,12 +27,14 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from milora.digests import folder_sha256
 from milora.layout import (
     LOSS_PLOT,
     LOSS_TABLE,
@@ -71,6 +73,8 @@ from tasks.registry import (
 logger = logging.getLogger(__name__)
 
 LINEAGE_ARTIFACTS = "lineage"  # run artifact folder: dvc.lock and params.yaml of the run
+# ... and {path: sha256} of the company files ingest read and of the published dataset's files
+RAW_FILES, DATASET_FILES = "raw_files.json", "dataset_files.json"
 # The only files of an adapter folder that are logged: PEFT's adapter, the initial factors
 # (same names under initial/), the manifest and PEFT's model card. Anything else (a merged or
 # residual model, tokenizer) is left out, so no base weights ever reach the artifact store.
@@ -218,6 +222,17 @@ def _log_dataset(run: RunWriter, settings: Settings, dataset: Path, lineage: dic
     )
 
 
+def _log_input_files(run: RunWriter, settings: Settings, dataset: Path) -> None:
+    """Every company file's and dataset file's hash, so ``rebuild --recompute`` can name what
+    differs (a drop the commit lacks, a file changed since)."""
+    from tasks.lineage import raw_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, files in ((RAW_FILES, raw_files(settings)), (DATASET_FILES, folder_sha256(dataset))):
+            (Path(tmp) / name).write_text(json.dumps(files, indent=1, sort_keys=True) + "\n")
+            run.log_file(Path(tmp) / name, LINEAGE_ARTIFACTS)
+
+
 def _log_artifacts(run: RunWriter, paths: dict[str, Path]) -> None:
     """Reports, evaluation and adapters (adapter files only) under fixed artifact paths."""
     run_dir, eval_dir, reports = paths["run_dir"], paths["eval_dir"], paths["reports"]
@@ -357,6 +372,7 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
         run.log_params(_params(settings))
         _log_dataset(run, settings, paths["dataset"], lineage)
         _log_artifacts(run, paths)
+        _log_input_files(run, settings, paths["dataset"])
         run.log_served_model(
             adapter_files(paths["served"]), paths["served"], _serving_config(settings, tags["base_model"])
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -54,3 +56,22 @@ def test_meta_weights_are_refused():
 def test_spec_rejects_empty_targets():
     with pytest.raises(ValueError, match="target_modules"):
         AdapterSpec(target_modules=())
+
+
+def test_prefect_temporary_server_start_is_one_line_without_a_link():
+    import flows  # noqa: F401  (installs the filter on Prefect's logger)
+
+    record = logging.LogRecord(
+        "prefect",
+        logging.INFO,
+        __file__,
+        0,
+        "Starting temporary server on http://127.0.0.1:8765\nSee https://www.prefect.io/docs/v3/concepts/"
+        "server#how-to-guides for more information on running a dedicated Prefect server.",
+        None,
+        None,
+    )
+    assert all(f.filter(record) for f in logging.getLogger("prefect").filters)
+    assert record.getMessage() == (
+        "temporary Prefect server on http://127.0.0.1:8765 (set PREFECT_API_URL to use a server of your own)"
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, git, make_project, write_jsonl
+from conftest import REPO, drop, git, make_project, write_jsonl
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -298,6 +299,43 @@ def test_bad_drop_fails_and_leaves_the_registry_untouched(project, harness):
         (project / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
+def test_a_version_from_an_uncommitted_drop_names_the_drop_on_recompute(project, harness, tmp_path, capsys):
+    """Allowed for a local try, a version trained on a drop its commit lacks is tagged so, logs
+    every company file's hash, and `rebuild --recompute` names the drop before running anything."""
+    params = str(project / "params.yaml")
+    shutil.rmtree(project / "company" / "drop_02", ignore_errors=True)  # the bad drop above
+    drop(project, "drop_02", 24, 10)  # valid rows, not committed
+    result = retrain(params, allow_uncommitted=True)
+    assert result["status"] in ("promoted", "rejected by the gate"), result
+    client, name = registry(project)
+    version = latest_record(project)["registration"]["version"]
+    tags = client.get_model_version(name, version).tags
+    assert tags["uncommitted"] == "company/drop_02/train.jsonl" and tags["git_commit"].endswith("-dirty")
+    into = tmp_path / "recomputed"
+    code = rebuild_main([version, "--into", str(into), "--recompute", "--params", params])
+    error = capsys.readouterr().err
+    assert code == 1 and "company/drop_02/train.jsonl: recorded with the version, missing here" in error
+    assert "company/drop_01/train.jsonl" not in error  # only what differs is named
+    assert not (into / "outputs").exists()  # refused before any stage ran
+    # Pulled (not recomputed), the version's outputs are still there byte for byte.
+    pulled = tmp_path / "pulled"
+    assert rebuild_main([version, "--into", str(pulled), "--params", params]) == 0
+    assert adapter_bytes(pulled / "outputs" / "train") == adapter_bytes(project / "outputs" / "train")
+
+
+def test_file_differences_name_each_file():
+    from tasks.lineage import file_differences
+
+    recorded = {"a.jsonl": "1" * 64, "b.jsonl": "2" * 64, "c.jsonl": "3" * 64}
+    found = {"a.jsonl": "1" * 64, "b.jsonl": "f" * 64, "d.jsonl": "4" * 64}
+    assert file_differences(recorded, found) == [
+        "b.jsonl: content differs (sha256 222222222222... recorded, ffffffffffff... here)",
+        "c.jsonl: recorded with the version, missing here",
+        "d.jsonl: here, not recorded with the version",
+    ]
+    assert file_differences(recorded, dict(recorded)) == []
+
+
 def test_uncommitted_code_params_and_drops_are_named(tmp_path, chat_model_dir):
     from tasks.lineage import UncommittedChangesError, git_commit, require_committed, uncommitted_files
 
@@ -312,6 +350,13 @@ def test_uncommitted_code_params_and_drops_are_named(tmp_path, chat_model_dir):
         require_committed(settings, allow=False)
     assert require_committed(settings, allow=True) == ["company/drop_02/train.jsonl", "params.yaml"]
     assert git_commit(root, dirty=True).endswith("-dirty")
+    # A drop DVC versions (`dvc add`, its .dvc file committed) is committed; changed since, it is not.
+    dvc(root, "add", "company/drop_02")
+    git(root, "add", "company/drop_02.dvc", "company/.gitignore")
+    git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "drop 2 with DVC")
+    assert uncommitted_files(settings) == ["params.yaml"]
+    write_jsonl(root / "company" / "drop_02" / "train.jsonl", [{"instruction": "Hi", "output": "Bye"}])
+    assert uncommitted_files(settings) == ["company/drop_02/train.jsonl", "params.yaml"]
 
 
 def test_dvc_records_of_outputs_are_not_uncommitted_inputs(tmp_path, chat_model_dir):
