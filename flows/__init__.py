@@ -1,11 +1,13 @@
 """The Prefect flows. Importing the package sets up what every flow needs before Prefect loads:
 nothing calls out (``OFFLINE_ENV``), the stages' own loggers reach the run's logs, and the
-temporary server's start is one line (Prefect's adds a docs link to every start)."""
+temporary server's start is one line (Prefect's adds a docs link to every start), and no log
+line carries a credential (:mod:`milora.redact`)."""
 
 import logging
 import os
 
 from milora.offline import OFFLINE_ENV
+from milora.redact import install_log_redaction
 
 for _key, _value in {**OFFLINE_ENV, "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,milora"}.items():
     os.environ.setdefault(_key, _value)
@@ -30,3 +32,4 @@ class _OneLineServerStart(logging.Filter):
 
 
 logging.getLogger(prefect.__name__).addFilter(_OneLineServerStart())
+install_log_redaction()  # Prefect's console and API handlers: no credential reaches its database

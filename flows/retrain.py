@@ -36,11 +36,13 @@ from prefect.states import Failed, State
 
 from milora.preflight import base_model_problems
 from milora.records import Decision, RunStatus
+from milora.redact import install_log_redaction, redact
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
 from tasks.champion import compare_champion_task
 from tasks.html_report import REPORTS_DIR, html_report, html_report_task
 from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version
 from tasks.register import champion_lineage, promote_task, register_task
+from tasks.registry import check_registry
 from tasks.report import report, report_task
 from tasks.reproduce import push_task, reproduce_task
 
@@ -70,20 +72,22 @@ def retrain(
     settings = load_settings(params)
     root = settings.root
 
-    if skip_if_no_new_data and not force:
-        champion = champion_lineage(settings)
-        current = raw_data_hash(settings)
-        if champion and champion.get("raw_data_hash") == current:
-            log.info("no new data since champion v%s (raw data %s)", champion.get("version"), current[:12])
-            return _report(
-                settings,
-                status=RunStatus.NO_NEW_DATA,
-                champion=champion,
-                seconds=time.perf_counter() - started,
-            )
-
     stages: dict[str, bool] = {}
     try:
+        check_registry(settings)  # a wrong URI or login fails here, in seconds, with a record
+        if skip_if_no_new_data and not force:
+            champion = champion_lineage(settings)
+            current = raw_data_hash(settings)
+            if champion and champion.get("raw_data_hash") == current:
+                log.info(
+                    "no new data since champion v%s (raw data %s)", champion.get("version"), current[:12]
+                )
+                return _report(
+                    settings,
+                    status=RunStatus.NO_NEW_DATA,
+                    champion=champion,
+                    seconds=time.perf_counter() - started,
+                )
         preflight(settings)
         require_committed(settings, allow_uncommitted)
         for stage in ("ingest", "validate"):
@@ -104,11 +108,11 @@ def retrain(
         _report(
             settings,
             status=RunStatus.FAILED,
-            error=str(error),
+            error=redact(str(error)),
             stages=stages,
             seconds=time.perf_counter() - started,
         )
-        return Failed(message=str(error))
+        return Failed(message=redact(str(error)))
     if decision is not None:
         status = RunStatus.PROMOTED if decision["decision"] == Decision.PROMOTED else RunStatus.REJECTED
     else:
@@ -156,10 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MILORA_LOG_LEVEL", "INFO"))
+    install_log_redaction()
     if not (args.force or args.always_run_flow or args.skip_if_no_new_data):
         started = time.perf_counter()
         settings = load_settings(args.params)
-        version = unchanged_version(settings)
+        try:
+            version = unchanged_version(settings)
+        except Exception as error:  # the flow checks the registry again, and records why it failed
+            log_error = redact(str(error)).splitlines()[0] if str(error) else type(error).__name__
+            logging.getLogger(__name__).warning("could not check for an unchanged version: %s", log_error)
+            version = None
         if version is not None:
             record = report(
                 settings,
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force, args.allow_uncommitted)
     except Exception as error:  # recorded, with its page, by the flow
-        print(f"retrain failed: {error}", file=sys.stderr)
+        print(f"retrain failed: {redact(str(error))}", file=sys.stderr)
         print(f"report: {settings.path(REPORTS_DIR) / 'index.html'}", file=sys.stderr)
         return 1
     table = settings.path(settings.evaluation.out_dir) / "summary.md"

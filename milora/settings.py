@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.data.rules import RULES, Policy, default_policies
 from milora.training.config import TrainConfig
+from milora.yamlfile import YamlBudgetError, safe_load_bounded
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -419,9 +420,11 @@ def load_settings(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] |
     if not path.is_file():
         raise SettingsError(f"{path}: no such file (the pipeline's parameters live in params.yaml)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_load_bounded(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise SettingsError(f"{path}: not valid YAML: {error}") from None
+    except YamlBudgetError as error:
+        raise SettingsError(f"{path}: refused: {error}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     settings = _parse(data, path.resolve().parent, str(path))

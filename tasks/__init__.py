@@ -13,14 +13,17 @@ I/O error (worth retrying).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from milora.errors import UserFacingError
 from milora.offline import OFFLINE_ENV
+from milora.redact import install_log_redaction, redact
 
 # Nothing here calls out: every tool's telemetry off and the model hub offline (a user's
 # explicit setting wins).
@@ -54,7 +57,28 @@ def stage_task(
         retry_condition_fn=retry_condition or retry_on_io_error,
         cache_policy=NO_CACHE,
         **options,
-    )(fn)
+    )(redacting_errors(fn))
+
+
+class RedactedError(RuntimeError):
+    """An error whose message carried a credential, with it masked (the original is its cause)."""
+
+
+def redacting_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, whose errors carry no credential in their message: Prefect stores a failed
+    task's message in its database and shows it in the UI."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            text = f"{type(error).__name__}: {error}"
+            if redact(text) == text:
+                raise
+            raise RedactedError(redact(text)) from error
+
+    return call
 
 
 def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -67,6 +91,8 @@ def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
         return False
     except OSError:
         return True
+    except RedactedError as error:
+        return isinstance(error.__cause__, OSError)
     except Exception:
         return False
     return False
@@ -96,6 +122,8 @@ def run_command(main: Callable[[], int]) -> None:
     )
     for noisy in ("great_expectations", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_log_redaction()
+    sys.excepthook = _redacted_traceback
     message = None
     try:
         code = main()
@@ -113,10 +141,16 @@ def run_command(main: Callable[[], int]) -> None:
             _tell_runner(f"{type(error).__name__}: {error}")
             raise
     if message is not None:
+        message = redact(message)
         if code != TEMPFAIL:
             print(message, file=sys.stderr)
         _tell_runner(message)
     sys.exit(code)
+
+
+def _redacted_traceback(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """``sys.excepthook`` for commands: the usual traceback, credentials masked."""
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, error, trace))))
 
 
 def _tell_runner(message: str) -> None:
@@ -124,4 +158,4 @@ def _tell_runner(message: str) -> None:
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as handle:
-            handle.write(message.strip() + "\n")
+            handle.write(redact(message).strip() + "\n")

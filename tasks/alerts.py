@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from milora.yamlfile import YamlBudgetError, safe_load_bounded
 from tasks import run_command
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class AlertsError(ValueError):
 def load_definitions(path: Path) -> dict[str, Any]:
     """``automations.yaml``: the webhook block to save and the automations that use it."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+        data = safe_load_bounded(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, YamlBudgetError) as error:
         raise AlertsError(f"{path}: cannot read automations ({error})") from None
     if not isinstance(data, dict) or not isinstance(data.get("automations"), list) or not data["automations"]:
         raise AlertsError(f"{path}: expected a mapping with a non-empty 'automations' list")

@@ -48,6 +48,7 @@ from milora.layout import (
 )
 from milora.promotion import PairedDifference, by_suite, flatten, gate
 from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision, RunStatus
+from milora.redact import redact
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, TEMPFAIL, parse_overrides, run_command, stage_task
 from tasks.registry import (
@@ -568,7 +569,7 @@ def _describe(registry: Registry, role: str) -> list[str]:
 def show(settings: Settings) -> str:
     """Champion and challenger with their key metrics and tags, as text."""
     registry = Registry(settings)
-    lines = [f"{registry.name} ({registry.uri})"]
+    lines = [f"{registry.name} ({redact(registry.uri)})"]
     for alias in (CHAMPION, CHALLENGER):
         lines += _describe(registry, alias)
     return "\n".join(lines)

@@ -220,6 +220,21 @@ def tracking_uri(settings: Settings) -> str:
     return uri
 
 
+def check_registry(settings: Settings) -> str:
+    """Reach the configured store before any stage runs (a wrong URI or login fails in
+    seconds, not after training); returns the URI. The error never shows a credential."""
+    from milora.redact import redact
+
+    try:
+        return tracking_uri(settings)
+    except Exception as error:  # MLflow, SQLAlchemy and requests each raise their own types
+        raise RegistryError(
+            f"the MLflow registry at {redact(configured_uri(settings))} cannot be used: "
+            f"{redact(str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__} "
+            "(check MLFLOW_TRACKING_URI or registry.tracking_uri, the server and the login)"
+        ) from None
+
+
 # --------------------------------------------------------------------------- transient faults
 def is_transient(error: BaseException | None) -> bool:
     """A registry fault worth retrying: network/disk I/O, a busy database, HTTP 429/50x."""

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from milora.records import LINEAGE_KEYS, RunStatus
+from milora.redact import redact
 from milora.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def _markdown(record: dict[str, Any]) -> str:
 def report(settings: Settings, status: str, seconds: float, **facts: Any) -> dict[str, Any]:
     """Publish the run's artifacts and record; returns the record with a one-line summary."""
     record: dict[str, Any] = {"status": status, "seconds": seconds, "time": time.time(), **facts}
+    if record.get("error"):
+        record["error"] = redact(str(record["error"]))  # the record, its page and the artifact
     if status not in RunStatus.WITHOUT_EVALUATION:
         record["metrics"] = _metric_rows(settings)
     context = FlowRunContext.get()

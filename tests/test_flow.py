@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, drop, git, make_project, write_jsonl
+from conftest import REPO, drop, free_port, git, make_project, write_jsonl
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -369,3 +369,31 @@ def test_dvc_records_of_outputs_are_not_uncommitted_inputs(tmp_path, chat_model_
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # the next run rewrites it
     (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/dataset\n")
     assert uncommitted_files(load_settings(root / "params.yaml")) == []
+
+
+def test_an_unreachable_registry_fails_first_and_its_password_is_nowhere(
+    project, harness, monkeypatch, capsys
+):
+    """A wrong tracking URI with a login fails before any stage, recorded, and the password
+    appears in no record, page, Prefect state, Prefect log or console line."""
+    from prefect.client.orchestration import get_client
+
+    secret = "s3cret-pw-42"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://milora:{secret}@127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(Exception) as failed:
+        retrain(str(project / "params.yaml"), allow_uncommitted=True)
+    message = str(failed.value)
+    assert "the MLflow registry at http://milora:***@127.0.0.1:" in message and secret not in message
+    record = latest_record(project)
+    assert record["status"] == "failed" and record["stages"] == {} and secret not in json.dumps(record)
+    pages = project / "outputs" / "reports"
+    assert all(secret not in page.read_text() for page in pages.rglob("*.html"))
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        assert any("cannot be used" in (run.state.message or "") for run in runs)
+        assert all(secret not in (run.state.message or "") for run in runs)
+        assert all(secret not in log.message for log in client.read_logs())

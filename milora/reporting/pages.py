@@ -12,6 +12,7 @@ from html import escape
 from typing import Any
 
 from milora.records import LINEAGE_KEYS, Decision, RunStatus
+from milora.redact import redact
 from milora.reporting import plots
 from milora.reporting.data import IndexRow, RunPage, Spectrum, VersionPoint
 
@@ -76,7 +77,8 @@ def _figure(svg: str | None, caption: str, missing: str) -> str:
 
 
 def _document(title: str, body: str) -> str:
-    return (
+    """The whole page; a credential in any text it shows (an error, a URI) is masked."""
+    return redact(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<link rel="icon" href="data:,">'  # no favicon request: the page fetches nothing
