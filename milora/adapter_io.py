@@ -29,6 +29,7 @@ from torch import nn
 
 from milora.atomic import atomic_directory, follow_umask
 from milora.config import AdapterSpec
+from milora.errors import UserFacingError
 from milora.initialize import PEFT_PREFIX, InitialFactors, lora_layers, subtract_initial
 from milora.layout import CONFIG, INITIAL_DIR, MANIFEST, WEIGHTS
 
@@ -48,6 +49,68 @@ def layer_names(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[len(PEFT_PREFIX) : -len(suffix)] for k in state if k.endswith(suffix))
 
 
+class AdapterFolderError(UserFacingError, ValueError):
+    """An adapter folder that is not what this pipeline writes (a variant, a mismatch, a link)."""
+
+
+# PEFT LoRA options the methods here never set: an adapter that sets one is another model
+# (DoRA's magnitudes, rsLoRA's scale, extra trained modules), whatever its manifest says.
+NEUTRAL = (None, False, {}, [], "none")
+UNUSED_OPTIONS = (
+    "use_dora",
+    "use_rslora",
+    "lora_bias",
+    "use_qalora",
+    "bias",
+    "modules_to_save",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "megatron_config",
+    "rank_pattern",
+    "alpha_pattern",
+    "velora_config",
+    "monteclora_config",
+    "use_bdlora",
+    "kasa_config",
+)
+
+
+def check_adapter_folder(path: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> None:
+    """Refuse an adapter folder holding links, a LoRA variant the methods do not use, or a
+    config that disagrees with its manifest (``milora.json``) on rank, alpha or targets."""
+    path = Path(path)
+    links = [item for item in sorted(path.rglob("*")) if item.is_symlink()]
+    if links:
+        raise AdapterFolderError(
+            f"{links[0]}: a symbolic link inside an adapter folder is refused (it could point "
+            "anywhere); copy the file in"
+        )
+    config_path = path / CONFIG
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    problems = []
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, not LORA")
+    problems += [
+        f"{key} = {config[key]!r} (a LoRA variant the methods here do not use)"
+        for key in UNUSED_OPTIONS
+        if key in config and config[key] not in NEUTRAL
+    ]
+    if manifest is not None:
+        for key in ("r", "lora_alpha", "fan_in_fan_out"):
+            if key in manifest and key in config and float(config[key]) != float(manifest[key]):
+                problems.append(f"{key} = {config[key]!r}, but {MANIFEST} says {manifest[key]!r}")
+        targets, recorded = config.get("target_modules"), manifest.get("target_modules")
+        if isinstance(targets, list) and isinstance(recorded, list) and sorted(targets) != sorted(recorded):
+            problems.append(f"target_modules = {sorted(targets)}, but {MANIFEST} says {sorted(recorded)}")
+    if problems:
+        raise AdapterFolderError(f"{config_path}: " + "; ".join(problems))
+
+
 def read_manifest(adapter_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(adapter_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
@@ -62,6 +125,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
             f"{path} is not a PEFT adapter directory (needs {CONFIG} and {WEIGHTS}; "
             "pickled .bin adapters are not read)"
         )
+    check_adapter_folder(path, read_manifest(path))
     return load_file(weights), json.loads(config.read_text())
 
 
@@ -181,6 +245,7 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     manifest = read_manifest(adapter_dir)
+    check_adapter_folder(adapter_dir, manifest)
     initial: dict[str, torch.Tensor] = {}
     if manifest is not None and manifest.get("has_initial_factors"):
         initial, _ = read_adapter(adapter_dir / INITIAL_DIR)

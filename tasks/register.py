@@ -98,6 +98,11 @@ def adapter_files(folder: Path) -> list[Path]:
     """The adapter files of an adapter folder (see ``ADAPTER_FILES``), never anything else."""
     if not (folder / "adapter_config.json").is_file():
         raise RegistryError(f"{folder}: no adapter here (adapter_config.json is missing; run train first)")
+    links = [p for p in sorted(folder.rglob("*")) if p.is_symlink()]
+    if links:
+        raise RegistryError(
+            f"{links[0]}: a symbolic link inside an adapter folder is never logged (copy the file in)"
+        )
     files, skipped = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         (files if path.name in ADAPTER_FILES else skipped).append(path)

@@ -74,3 +74,76 @@ def test_log_records_and_tracebacks_lose_their_credentials(capsys):
         and "unreachable" in err
         and "ConnectionError: to http://u:***@127.0.0.1:1" in err
     )
+
+
+# --------------------------------------------------------------------------- adapter folders
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    from conftest import tiny_llama
+
+    from milora import init_adapter
+    from milora.adapter_io import save_adapter
+
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(init_adapter(tiny_llama(), method="milora", r=4), folder)
+    return folder
+
+
+def _tampered(saved, tmp_path, **config_changes):
+    import json
+    import shutil
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"use_dora": True}, r"use_dora = True \(a LoRA variant the methods here do not use\)"),
+        ({"use_rslora": True}, "use_rslora = True"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"r": 8}, r"r = 8, but milora.json says 4"),
+        ({"lora_alpha": 99}, "lora_alpha = 99, but milora.json says"),
+        ({"target_modules": ["q_proj"]}, r"target_modules = \['q_proj'\], but milora.json says"),
+    ],
+)
+def test_an_adapter_config_that_disagrees_or_uses_a_variant_is_refused(
+    saved_adapter, tmp_path, changes, says
+):
+    from conftest import tiny_llama
+
+    from milora.adapter_io import AdapterFolderError, load_adapter, read_adapter
+
+    folder = _tampered(saved_adapter, tmp_path, **changes)
+    with pytest.raises(AdapterFolderError, match=says):
+        load_adapter(tiny_llama(), folder)
+    with pytest.raises(AdapterFolderError, match=says):
+        read_adapter(folder)
+
+
+def test_links_inside_an_adapter_folder_are_refused(saved_adapter, tmp_path):
+    from conftest import tiny_llama
+
+    from milora.adapter_io import AdapterFolderError, load_adapter
+    from tasks.register import adapter_files
+    from tasks.registry import RegistryError
+
+    folder = _tampered(saved_adapter, tmp_path)
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / "README.md").symlink_to("/etc/hostname")
+    with pytest.raises(AdapterFolderError, match=r"README\.md: a symbolic link inside an adapter folder"):
+        load_adapter(tiny_llama(), folder)
+    with pytest.raises(RegistryError, match="symbolic link"):
+        adapter_files(folder)
+
+
+def test_the_untampered_adapter_loads(saved_adapter):
+    from conftest import tiny_llama
+
+    from milora.adapter_io import load_adapter
+
+    assert load_adapter(tiny_llama(), saved_adapter).milora_init.spec.r == 4
