@@ -111,6 +111,35 @@ def check_adapter_folder(path: str | os.PathLike[str], manifest: dict[str, Any] 
         raise AdapterFolderError(f"{config_path}: " + "; ".join(problems))
 
 
+def loadable_problems(adapter_dir: str | os.PathLike[str], base_dir: str | os.PathLike[str]) -> list[str]:
+    """Why a plain LoRA adapter would not load on the base model (empty: it would): its files
+    read whole, and every layer it adapts is a weight of the base with matching shapes. From
+    the base's safetensors headers: no model is loaded."""
+    from milora.preflight import tensor_shapes
+
+    try:
+        state, config = read_adapter(adapter_dir)
+    except Exception as error:  # safetensors, JSON and our own checks each raise their own type
+        return [f"{adapter_dir}: {type(error).__name__}: {error}"]
+    shapes = tensor_shapes(Path(base_dir))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    problems = []
+    for name in layer_names(state):
+        # Some checkpoints store the base without its top module's name (GPT-2's "h.0..." for "transformer.h.0...").
+        weight = shapes.get(f"{name}.weight") or shapes.get(f"{name.split('.', 1)[-1]}.weight")
+        if weight is None:
+            problems.append(f"{name}: not a weight of the base {base_dir}")
+            continue
+        fan_out, fan_in = (weight[1], weight[0]) if fan_in_fan_out else (weight[0], weight[1])
+        key_a, key_b = factor_keys(name)
+        a, b = tuple(state[key_a].shape), tuple(state[key_b].shape)
+        if a[1] != fan_in or b[0] != fan_out or a[0] != b[1]:
+            problems.append(f"{name}: factors {a} and {b} do not fit the base weight {weight}")
+    if not layer_names(state):
+        problems.append(f"{adapter_dir}: adapts no layer")
+    return problems
+
+
 def read_manifest(adapter_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(adapter_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None

@@ -38,3 +38,17 @@ def folder_sha256(folder: str | Path) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def file_differences(recorded: dict[str, str], found: dict[str, str], by: str = "the version") -> list[str]:
+    """One line per file (``{path: sha256}``) that is not as ``by`` recorded it; empty: the same."""
+    lines = []
+    for path in sorted(recorded.keys() | found.keys()):
+        was, now = recorded.get(path), found.get(path)
+        if now is None:
+            lines.append(f"{path}: recorded with {by}, missing here")
+        elif was is None:
+            lines.append(f"{path}: here, not recorded with {by}")
+        elif was != now:
+            lines.append(f"{path}: content differs (sha256 {was[:12]}... recorded, {now[:12]}... here)")
+    return lines

@@ -34,6 +34,7 @@ METRICS = "metrics.jsonl"
 LOSS_TABLE = "loss.csv"
 LOSS_PLOT = "loss_curve.png"
 SUMMARY = "train_summary.json"
+ADAPTER_HASHES = "adapter_files.json"  # sha256 of every adapter file, written just before SUMMARY
 RUN_KEY = "run_key.json"
 
 # The champion re-scored on a challenger's items (registry.champion_dir): per-suite pairs.

@@ -16,6 +16,13 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def _header(path: Path) -> dict[str, dict]:
+    with path.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return {key: value for key, value in header.items() if key != "__metadata__"}
+
+
 def tensor_names(folder: Path) -> set[str]:
     """Every tensor name of a model folder's safetensors weights (sharded or not)."""
     index = folder / "model.safetensors.index.json"
@@ -23,11 +30,17 @@ def tensor_names(folder: Path) -> set[str]:
         return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
     names: set[str] = set()
     for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-        names.update(key for key in header if key != "__metadata__")
+        names.update(_header(path))
     return names
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers of a model folder (every shard)."""
+    return {
+        name: tuple(entry["shape"])
+        for path in sorted(folder.glob("*.safetensors"))
+        for name, entry in _header(path).items()
+    }
 
 
 def base_model_problems(

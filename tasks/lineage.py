@@ -57,20 +57,6 @@ def _relative(path: Path, root: Path) -> str:
     return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else str(path)
 
 
-def file_differences(recorded: dict[str, str], found: dict[str, str]) -> list[str]:
-    """One line per file (``{path: sha256}``) that is not as a version recorded it; empty: the same."""
-    lines = []
-    for path in sorted(recorded.keys() | found.keys()):
-        was, now = recorded.get(path), found.get(path)
-        if now is None:
-            lines.append(f"{path}: recorded with the version, missing here")
-        elif was is None:
-            lines.append(f"{path}: here, not recorded with the version")
-        elif was != now:
-            lines.append(f"{path}: content differs (sha256 {was[:12]}... recorded, {now[:12]}... here)")
-    return lines
-
-
 class UncommittedChangesError(RuntimeError):
     """The run would train on code, params or data that its git commit does not hold."""
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from milora.digests import file_sha256, folder_sha256
+from milora.digests import file_differences, file_sha256, folder_sha256
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, parse_overrides, run_command
@@ -92,7 +92,7 @@ def _pull_versioned_inputs(into: Path) -> None:
 def _check_raw_files(into: Path, recorded: dict[str, str] | None, version: str, commit: str) -> None:
     """Before recomputing: the company files here are the ones the version read, or the error
     names each that differs."""
-    from tasks.lineage import file_differences, raw_files
+    from tasks.lineage import raw_files
 
     if recorded is None:
         logger.warning("version %s records no company file hashes: a data mismatch cannot be named", version)
@@ -193,8 +193,6 @@ def rebuild(
     matches["adapter_weights"] = _same_weights(registry, version.run_id, into / run_dir)
     differences = []
     if not matches["data_version"] and recorded[DATASET_FILES] is not None:
-        from tasks.lineage import file_differences
-
         found_files = folder_sha256(into / dataset_dir) if (into / dataset_dir).is_dir() else {}
         differences = [
             f"{dataset_dir}/{line}" for line in file_differences(recorded[DATASET_FILES], found_files)

@@ -447,7 +447,12 @@ def promote(settings: Settings, version: str, *, force: bool = False, reason: st
             "previous": current.tags.get(PREVIOUS) or None,
         }
     refused = other_base(candidate.tags, current, f"version {number}") if current is not None else None
-    if refused:
+    unloadable = _unloadable(registry, candidate)
+    if unloadable:
+        if force:
+            raise RegistryError(f"version {number} cannot be promoted, even by hand: {unloadable}")
+        passed, reasons = False, [f"{unloadable}: FAILED"]
+    elif refused:
         passed, reasons = False, [f"{refused}: FAILED (promote it by hand with --force --reason if intended)"]
     else:
         rescored = candidate.tags.get(RESCORED_TAG)
@@ -487,6 +492,23 @@ def promote(settings: Settings, version: str, *, force: bool = False, reason: st
     return result
 
 
+def _unloadable(registry: Registry, version: Version) -> str | None:
+    """Why the version's served adapter, as the registry holds it, would not load on its base
+    (None: it would). Checked before the champion alias may move to it."""
+    from milora.adapter_io import loadable_problems
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = registry.download(version.run_id, SERVED_ADAPTER, tmp)
+        except Exception as error:  # MLflow's own error types for missing artifacts
+            return f"its {SERVED_ADAPTER}/ artifacts cannot be read ({error})"
+        problems = [
+            problem.replace(str(folder), f"{SERVED_ADAPTER}/ of run {version.run_id}")
+            for problem in loadable_problems(folder, version.tags.get("base_model", ""))
+        ]
+    return "not loadable: " + "; ".join(problems[:3]) if problems else None
+
+
 def rollback(settings: Settings) -> dict[str, Any]:
     """Put the champion alias back on the version it replaced; the demoted one is tagged, and
     the rollback is recorded as a run (its record and page in the HTML report)."""
@@ -502,6 +524,9 @@ def rollback(settings: Settings) -> dict[str, Any]:
             f"{registry.name} version {demoted} was the first champion: there is no previous champion to roll back to"
         )
     restored = registry.version(previous)
+    unloadable = _unloadable(registry, restored)
+    if unloadable:
+        raise RegistryError(f"cannot roll back to version {restored.number}: {unloadable}")
     registry.tag(demoted, {ROLLED_BACK: "true"})
     if restored.tags.get(ROLLED_BACK):
         registry.untag(restored.number, ROLLED_BACK)

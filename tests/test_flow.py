@@ -324,7 +324,7 @@ def test_a_version_from_an_uncommitted_drop_names_the_drop_on_recompute(project,
 
 
 def test_file_differences_name_each_file():
-    from tasks.lineage import file_differences
+    from milora.digests import file_differences
 
     recorded = {"a.jsonl": "1" * 64, "b.jsonl": "2" * 64, "c.jsonl": "3" * 64}
     found = {"a.jsonl": "1" * 64, "b.jsonl": "f" * 64, "d.jsonl": "4" * 64}

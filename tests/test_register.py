@@ -539,3 +539,49 @@ def test_another_base_is_refused_and_a_person_can_force_with_a_reason(model, tmp
     assert any(r["status"] == "promoted by hand" and r["decision"] == forced for r in records)
     index = model.path("outputs/reports/index.html").read_text()
     assert "forced by hand: new base, validated by QA ticket 42" in index
+
+
+# --------------------------------------------------------------------------- integrity
+def test_a_finished_run_whose_adapter_changed_is_not_trusted(model, tmp_path, caplog):
+    """The train stage trusts a finished run only while its adapter files are the ones
+    training wrote (their hashes, written before the summary); a truncated one trains again."""
+    from milora.training.loop import finished_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(model.path(model.train.run_dir), run_dir)
+    assert finished_run(run_dir) is not None
+    served = run_dir / SERVED_ADAPTER / "adapter_model.safetensors"
+    served.write_bytes(served.read_bytes()[:4000])
+    with caplog.at_level("WARNING", logger="milora.training.loop"):
+        assert finished_run(run_dir) is None
+    assert f"{SERVED_ADAPTER}/adapter_model.safetensors: content differs" in caplog.text
+
+
+def test_a_version_that_would_not_load_never_becomes_champion(model, tmp_path):
+    """Its served adapter truncated in the artifact store: the gate fails it (the champion
+    stays), a forced promotion is refused, and a rollback to it is refused."""
+    from urllib.parse import urlparse
+
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    assert reg.promote(model, first["version"])["decision"] == "promoted"
+    second = reg.register(with_metrics(model, tmp_path / "v2", company__score=0.9), lineage(2))
+    stored = Path(urlparse(client.get_run(second["run_id"]).info.artifact_uri).path)
+    weights = stored / SERVED_ADAPTER / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    decision = reg.promote(model, second["version"])
+    assert decision["decision"] == "rejected" and alias(client, name, "champion") == "1"
+    assert any("not loadable" in r and r.endswith("FAILED") for r in decision["reasons"]), decision
+    with pytest.raises(registry.RegistryError, match="cannot be promoted, even by hand: not loadable"):
+        reg.promote(model, second["version"], force=True, reason="ship it")
+    assert alias(client, name, "champion") == "1"
+    # A loadable third version replaces the champion; version 1's adapter then breaks in the
+    # store: a rollback to it is refused and the champion stays.
+    third = reg.register(with_metrics(model, tmp_path / "v3", company__score=0.9), lineage(3))
+    assert reg.promote(model, third["version"])["decision"] == "promoted"
+    first_weights = Path(urlparse(client.get_run(first["run_id"]).info.artifact_uri).path) / SERVED_ADAPTER
+    (first_weights / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(registry.RegistryError, match="cannot roll back to version 1: not loadable"):
+        reg.rollback(model)
+    assert alias(client, name, "champion") == "3"

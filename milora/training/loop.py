@@ -35,8 +35,18 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from milora.adapter_io import save_adapter, write_initial
 from milora.conversion import convert_adapter
+from milora.digests import file_differences, folder_sha256
 from milora.errors import UserFacingError
-from milora.layout import CHECKPOINTS, LOSS_PLOT, LOSS_TABLE, METRICS, RAW_ADAPTER, SERVED_ADAPTER, SUMMARY
+from milora.layout import (
+    ADAPTER_HASHES,
+    CHECKPOINTS,
+    LOSS_PLOT,
+    LOSS_TABLE,
+    METRICS,
+    RAW_ADAPTER,
+    SERVED_ADAPTER,
+    SUMMARY,
+)
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, encode
 
@@ -63,10 +73,35 @@ class TrainResult:
     already_trained: bool = False
 
 
+def adapter_hashes(run_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """``{adapter/..., adapter_for_stock_base/...: sha256}`` of a run folder's adapter files."""
+    run_dir = Path(run_dir)
+    return {
+        f"{folder}/{name}": digest
+        for folder in (RAW_ADAPTER, SERVED_ADAPTER)
+        if (run_dir / folder).is_dir()
+        for name, digest in folder_sha256(run_dir / folder).items()
+    }
+
+
 def finished_run(run_dir: str | os.PathLike[str]) -> TrainResult | None:
-    """The result of a run folder whose training ended (its summary is written last)."""
+    """The result of a run folder whose training ended (its summary is written last) and whose
+    adapter files are still the ones training wrote (else None: a truncated or edited adapter
+    is trained again, never served as finished)."""
     path = Path(run_dir) / SUMMARY
     if not (path.is_file() and (Path(run_dir) / SERVED_ADAPTER / "adapter_config.json").is_file()):
+        return None
+    hashes = Path(run_dir) / ADAPTER_HASHES
+    if not hashes.is_file():
+        logger.warning(
+            "%s: a finished run without %s (older than it): training again", run_dir, ADAPTER_HASHES
+        )
+        return None
+    changed = file_differences(json.loads(hashes.read_text()), adapter_hashes(run_dir), by="training")
+    if changed:
+        logger.warning(
+            "%s: the adapter files changed since training (%s): training again", run_dir, "; ".join(changed)
+        )
         return None
     summary = json.loads(path.read_text())
     values = {f.name: summary[f.name] for f in fields(TrainResult) if f.name in summary}
@@ -263,6 +298,9 @@ def train_adapter(
         plot_loss(run_dir / METRICS, run_dir / LOSS_PLOT)
         if not config.keep_checkpoints:
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        (run_dir / ADAPTER_HASHES).write_text(
+            json.dumps(adapter_hashes(run_dir), indent=1, sort_keys=True) + "\n"
+        )
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks the run finished
     logger.info("trained %d steps in %.1f s, final loss %.4f", result.global_step, seconds, result.train_loss)
     return result
