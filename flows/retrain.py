@@ -40,9 +40,17 @@ from milora.redact import install_log_redaction, redact
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
 from tasks.champion import compare_champion_task
 from tasks.html_report import REPORTS_DIR, html_report, html_report_task
+from tasks.ingest import unwatched_sources
 from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version
-from tasks.register import champion_lineage, promote_task, register_task
-from tasks.registry import check_registry
+from tasks.register import (
+    LostChampionError,
+    champion_lineage,
+    champion_problem,
+    lost_champion,
+    promote_task,
+    register_task,
+)
+from tasks.registry import Registry, RegistryError, check_registry
 from tasks.report import report, report_task
 from tasks.reproduce import push_task, reproduce_task
 
@@ -64,6 +72,7 @@ def retrain(
     skip_if_no_new_data: bool = False,
     force: bool = False,
     allow_uncommitted: bool = False,
+    new_registry: bool = False,
 ) -> dict[str, Any] | State:
     """Take the company data named in ``params`` to a registered, gated model (a failure is
     recorded and ends the run Failed with its message)."""
@@ -75,6 +84,12 @@ def retrain(
     stages: dict[str, bool] = {}
     try:
         check_registry(settings)  # a wrong URI or login fails here, in seconds, with a record
+        lost = None if new_registry else lost_champion(settings, Registry(settings))
+        if lost:
+            raise LostChampionError(lost)
+        broken = champion_problem(settings)
+        if broken:
+            raise RegistryError(broken)
         if skip_if_no_new_data and not force:
             champion = champion_lineage(settings)
             current = raw_data_hash(settings)
@@ -100,7 +115,11 @@ def retrain(
         push_task(root)  # before registering: a version's data and adapter are on the remote
         model = lineage_task(settings)
         registration = register_task(settings, model)
-        decision = promote_task(settings, registration["version"]) if registration["new"] else None
+        decision = (
+            promote_task(settings, registration["version"], new_registry=new_registry)
+            if registration["new"] or registration.get("unfinished")
+            else None
+        )
     except Exception as error:
         # The failed run is recorded with its reason (registry and champion untouched: the
         # registry steps come last and register only after everything is logged), and ends
@@ -135,6 +154,7 @@ def retrain(
 def preflight(settings: Settings) -> None:
     """Settings a run cannot succeed with, found before any stage runs (seconds, not minutes)."""
     problems = base_model_problems(settings.path(settings.base_model), settings.train.target_modules)
+    problems += unwatched_sources(settings)
     if problems:
         raise SettingsError("params.yaml: " + "; ".join(problems))
 
@@ -151,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train on code, params or company files git has not committed (a local try: the version "
         "is tagged `uncommitted`; without it such a run is refused)",
+    )
+    parser.add_argument(
+        "--new-registry",
+        action="store_true",
+        help="the MLflow store is new on purpose: without it, a store that lost the champion this "
+        "project's run records show it had (emptied, replaced) stops the run",
     )
     parser.add_argument(
         "--always-run-flow",
@@ -186,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     settings = load_settings(args.params)
     try:
-        result = retrain(str(Path(args.params)), args.skip_if_no_new_data, args.force, args.allow_uncommitted)
+        result = retrain(
+            str(Path(args.params)),
+            args.skip_if_no_new_data,
+            args.force,
+            args.allow_uncommitted,
+            args.new_registry,
+        )
     except Exception as error:  # recorded, with its page, by the flow
         print(f"retrain failed: {redact(str(error))}", file=sys.stderr)
         print(f"report: {settings.path(REPORTS_DIR) / 'index.html'}", file=sys.stderr)

@@ -202,6 +202,7 @@ def save_adapter(
     base_model: str | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    mark_output: bool = False,
 ) -> Path:
     """Save the adapter, its initial factors and manifest; all or nothing.
 
@@ -212,7 +213,7 @@ def save_adapter(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     state = initial_factors_of(model)  # fail before writing anything
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, mark=mark_output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_initial(model, tmp, base_model=base_model, extra=extra)
     logger.info("saved %s adapter to %s", state.spec.method, out)

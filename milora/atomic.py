@@ -12,8 +12,10 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from milora.errors import UserFacingError
 
 
 def _current_umask() -> int:
@@ -65,8 +67,9 @@ def replace_directory(source: str | os.PathLike[str], target: str | os.PathLike[
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a scratch folder that replaces ``target`` only if the block succeeds."""
+def atomic_directory(target: str | os.PathLike[str], *, mark: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder that replaces ``target`` only if the block succeeds; ``mark``:
+    a pipeline output, marked as such (:data:`OUTPUT_MARKER`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
@@ -74,10 +77,63 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     scratch.mkdir()  # 0777 less the umask, as any folder
     try:
         yield scratch
+        if mark:
+            mark_output(scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     replace_directory(scratch, target)
+
+
+# A stage replaces its output folder as a whole: only a folder it wrote itself (this file in
+# it), so a setting pointing at a folder of other files can never delete them.
+OUTPUT_MARKER = ".milora-output"
+
+
+class ForeignOutputError(UserFacingError, ValueError):
+    """An output setting that points outside the project, at an input, or at others' files."""
+
+
+def mark_output(folder: str | os.PathLike[str]) -> None:
+    (Path(folder) / OUTPUT_MARKER).write_text("written by the milora pipeline; replaced as a whole\n")
+
+
+def claim_output(
+    target: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    key: str,
+    *,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    adopt: bool = False,
+) -> Path:
+    """``target`` if a stage may replace it: inside ``root`` (not ``root`` itself), holding none
+    of ``inputs``, and either absent, empty, marked as a pipeline output, or ``adopt``-ed (an
+    output an earlier version wrote unmarked). ``key`` names the setting in the error."""
+    target, base = Path(target).resolve(), Path(root).resolve()
+    if target == base:
+        raise ForeignOutputError(
+            f"{key}: {target} is the project folder itself: give the output a folder of its own"
+        )
+    if not target.is_relative_to(base):
+        raise ForeignOutputError(
+            f"{key}: {target} is not inside the project {base}: outputs live in the project (a "
+            "stage replaces its output folder as a whole)"
+        )
+    for item in map(Path, inputs):
+        if item.resolve().is_relative_to(target):
+            raise ForeignOutputError(
+                f"{key}: {target} would hold the input {item}: choose a folder of its own"
+            )
+    if target.exists() and not target.is_dir():
+        raise ForeignOutputError(f"{key}: {target} is a file, not an output folder")
+    if target.is_dir() and not (target / OUTPUT_MARKER).is_file() and not adopt:
+        others = sorted(p.name for p in target.iterdir())
+        if others:
+            raise ForeignOutputError(
+                f"{key}: {target} holds files this pipeline did not write ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): point {key} at a new folder, or empty this one"
+            )
+    return target
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

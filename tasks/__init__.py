@@ -19,11 +19,15 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from milora.errors import UserFacingError
 from milora.offline import OFFLINE_ENV
 from milora.redact import install_log_redaction, redact
+
+if TYPE_CHECKING:
+    from milora.settings import Settings
 
 # Nothing here calls out: every tool's telemetry off and the model hub offline (a user's
 # explicit setting wins).
@@ -39,6 +43,37 @@ LOCK_FILE = "dvc.lock"  # DVC's record of every stage's deps, params and output 
 # Where a stage command writes the one message a person needs when it fails (set by the
 # flow's DVC runner, which shows that message instead of the command's whole output).
 ERROR_FILE_ENV = "MILORA_ERROR_FILE"
+
+
+def locked_hashes(root: str | os.PathLike[str]) -> dict[str, str]:
+    """``{output path: md5}`` of every stage output recorded in ``dvc.lock``."""
+    path = Path(root) / LOCK_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    lock = yaml.safe_load(path.read_text()) or {}
+    return {
+        out["path"]: out.get("md5", "")
+        for stage in (lock.get("stages") or {}).values()
+        for out in stage.get("outs", [])
+    }
+
+
+def claim(settings: Settings, path: str | os.PathLike[str], key: str) -> Path:
+    """``path`` as a stage's output folder (:func:`milora.atomic.claim_output`): in the project,
+    holding no input, and the pipeline's own. A folder ``dvc.lock`` records as an output is
+    the pipeline's even without the marker (written before outputs were marked)."""
+    from milora.atomic import claim_output
+
+    resolved, root = Path(path).resolve(), settings.root.resolve()
+    relative = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else None
+    inputs = [
+        settings.path(settings.ingest.watch),
+        settings.path(settings.base_model),
+        settings.root / "params.yaml",
+    ]
+    return claim_output(path, root, key, inputs=inputs, adopt=relative in locked_hashes(root))
 
 
 def stage_task(

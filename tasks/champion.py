@@ -28,7 +28,7 @@ from typing import Any
 from milora.atomic import atomic_directory
 from milora.layout import PAIRED, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import run_command, stage_task
+from tasks import claim, run_command, stage_task
 from tasks.register import base_tags, other_base
 from tasks.registry import CHAMPION, Registry, retry_on_registry_fault
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def _record(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
-    with atomic_directory(folder) as scratch:
+    with atomic_directory(folder, mark=True) as scratch:
         (scratch / PAIRED).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
@@ -45,7 +45,7 @@ def compare_champion(settings: Settings) -> dict[str, Any]:
     """Score the champion on the items of ``evaluate.out_dir``; returns ``paired.json``."""
     from milora.evaluation.runner import compare_with_champion
 
-    folder = settings.path(settings.registry.champion_dir)
+    folder = claim(settings, settings.path(settings.registry.champion_dir), "registry.champion_dir")
     registry, missing = Registry.existing(settings)
     champion = registry.alias(CHAMPION) if registry is not None else None
     if champion is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command
+from tasks import claim, parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def evaluate(
         adapter,
         cfg.suites,
         settings.root,
-        out_dir or settings.path(cfg.out_dir),
+        claim(settings, out_dir or settings.path(cfg.out_dir), "evaluate.out_dir"),
         batch_size=cfg.batch_size,
         cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
         merged=cfg.merged,

@@ -37,8 +37,8 @@ from milora.data.errors import DataValidationError, Finding
 from milora.data.normalise import FieldMapping, normalise, split_of
 from milora.data.readers import FileProblem, iter_rows, resolve_sources, unmatched_files
 from milora.digests import file_sha256
-from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import run_command
+from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
+from tasks import claim, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,24 @@ def _read_file(
     }
 
 
+def unwatched_sources(settings: Settings, files: list[Path] | None = None) -> list[str]:
+    """Source files outside ``ingest.watch``, one problem each: DVC's ingest stage depends on
+    the watched folder only, so a change to such a file would never rerun the pipeline."""
+    watch = settings.path(settings.ingest.watch).resolve()
+    if files is None:
+        try:
+            files = resolve_sources(settings.ingest.sources, settings.root)
+        except OSError:
+            return []  # ingest names the unreadable source itself
+    return [
+        f"ingest.sources: {display_path(path, settings.root)} lies outside ingest.watch ({settings.ingest.watch}): "
+        "DVC watches that folder only, so a change to this file would not rerun the pipeline; move it "
+        "into the watched folder, or set ingest.watch to a folder that holds every source"
+        for path in files
+        if not path.resolve().is_relative_to(watch)
+    ]
+
+
 def _unmatched(settings: Settings, files: list[Path], report: IngestReport) -> list[Finding]:
     """Files of the watched folder this run would not read: a drop that matches no source
     pattern must not slip by. Returns them as findings under a ``fail`` policy; under
@@ -158,7 +176,9 @@ def ingest(
     are given here); the previous output folder is then left untouched.
     """
     cfg = settings.ingest
-    out = Path(out_dir) if out_dir is not None else settings.path(cfg.out_dir)
+    out = claim(
+        settings, Path(out_dir) if out_dir is not None else settings.path(cfg.out_dir), "ingest.out_dir"
+    )
     entries = list(sources) if sources else cfg.sources
     try:
         files = resolve_sources(entries, settings.root)
@@ -173,12 +193,15 @@ def ingest(
             ],
             headline="ingest failed",
         )
+    outside = [] if sources else unwatched_sources(settings, files)
+    if outside:
+        raise SettingsError("\n".join(outside))
     mapping = FieldMapping(cfg.column_map, cfg.message_keys, cfg.role_map)
     report = IngestReport(out)
     failures: list[Finding] = [] if sources else _unmatched(settings, files, report)
     seen: set[str] = set()
     taken: set[str] = set()
-    with atomic_directory(out) as scratch:
+    with atomic_directory(out, mark=True) as scratch:
         for path in tqdm(files, desc="ingest", unit="file", disable=None):
             source = display_path(path, settings.root)
             name = part_name(source, taken)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command
+from tasks import claim, parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     from milora.modeling import load_base_model
 
     cfg = settings.train
-    out = Path(out_dir or settings.path(cfg.init_dir))
+    out = claim(settings, out_dir or settings.path(cfg.init_dir), "train.init_dir")
     base_path = settings.path(settings.base_model)
     started = time.perf_counter()
     model = init_adapter(
@@ -45,7 +45,12 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
     save_adapter(
-        model, out, base_model=str(settings.base_model), overwrite=True, extra={"init_seconds": seconds}
+        model,
+        out,
+        base_model=str(settings.base_model),
+        overwrite=True,
+        extra={"init_seconds": seconds},
+        mark_output=True,
     )
     logger.info("%s r=%d initialised in %.1f s -> %s", cfg.method, cfg.rank, seconds, out)
     return {"init_dir": str(out), "seconds": seconds, "method": cfg.method, "rank": cfg.rank}

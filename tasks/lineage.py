@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from milora.digests import digest_files, file_sha256
 from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
-from tasks import LOCK_FILE
+from tasks import LOCK_FILE, locked_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +149,6 @@ def params_hash(settings: Settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def locked_hashes(root: Path) -> dict[str, str]:
-    """``{output path: md5}`` of every stage output recorded in ``dvc.lock``."""
-    path = root / LOCK_FILE
-    if not path.is_file():
-        return {}
-    lock = yaml.safe_load(path.read_text()) or {}
-    return {
-        out["path"]: out.get("md5", "")
-        for stage in (lock.get("stages") or {}).values()
-        for out in stage.get("outs", [])
-    }
-
-
 def lineage(settings: Settings) -> dict[str, Any]:
     """Everything a registered version records about where it came from."""
     outs = locked_hashes(settings.root)
@@ -185,10 +172,12 @@ def unchanged_version(settings: Settings) -> str | None:
     """The registered version this project would rebuild as it stands (every DVC stage
     unchanged since ``dvc.lock``, and a version of the same content registered), or
     None: then there is work for the flow."""
-    from tasks.register import registered_version
+    from tasks.register import champion_problem, registered_version
     from tasks.reproduce import changed
 
     if not (settings.root / LOCK_FILE).is_file() or changed(None, settings.root):
+        return None
+    if champion_problem(settings):  # the flow reports it
         return None
     return registered_version(settings, lineage(settings))
 

@@ -113,7 +113,13 @@ def _same_weights(registry: Registry, run_id: str, run_dir: Path) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         compared = 0
         for folder in (RAW_ADAPTER, SERVED_ADAPTER):
-            logged = registry.download(run_id, folder, tmp)
+            try:
+                logged = registry.download(run_id, folder, tmp)
+            except Exception as error:  # MLflow's own error types for missing artifacts
+                raise RebuildError(
+                    f"run {run_id}'s {folder}/ artifacts are missing from the store, so the rebuilt "
+                    f"adapter cannot be compared with them ({error})"
+                ) from None
             for path in sorted(logged.rglob("*.safetensors")):
                 rebuilt = run_dir / folder / path.relative_to(logged)
                 if not rebuilt.is_file() or file_sha256(rebuilt) != file_sha256(path):
@@ -144,7 +150,7 @@ def rebuild(
     """Rebuild version ``ref`` (a number or an alias) of the registered model into ``into``."""
     from dvc.repo import Repo
 
-    from tasks.lineage import locked_hashes
+    from tasks import locked_hashes
     from tasks.reproduce import stage_env
 
     into = Path(into).resolve()

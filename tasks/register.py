@@ -315,12 +315,52 @@ def _rescored(folder: Path, registry: Registry) -> tuple[str, dict[str, dict[str
 
 
 # --------------------------------------------------------------------------- register
+def promotion_unfinished(version: Version, champion: Version | None) -> bool:
+    """Whether a run stopped between registering ``version`` and finishing its promotion: no
+    gate decision yet (killed after the version was created), or a decision to promote whose
+    alias move never happened (a version newer than the champion, promoted, not rolled back).
+    A rerun then finishes it, so tags and aliases agree."""
+    decision = version.tags.get(DECISION_TAG)
+    if not decision:
+        return True
+    if decision not in (Decision.PROMOTED, Decision.FORCED) or version.tags.get(ROLLED_BACK):
+        return False
+    return champion is None or int(version.number) > int(champion.number)
+
+
 def registered_version(settings: Settings, lineage: Mapping[str, Any]) -> str | None:
-    """The version already holding the model ``lineage`` describes, if any."""
+    """The version already holding the model ``lineage`` describes and done with (its gate
+    decided and acted on), if any."""
     if any(not lineage.get(key) for key in IDENTITY_KEYS):
         return None
-    found = Registry(settings).find({key: str(lineage[key]) for key in IDENTITY_KEYS})
-    return found.number if found is not None else None
+    registry = Registry(settings)
+    found = registry.find({key: str(lineage[key]) for key in IDENTITY_KEYS})
+    if found is None or promotion_unfinished(found, registry.alias(CHAMPION)):
+        return None
+    return found.number
+
+
+def _already_registered(registry: Registry, existing: Version) -> dict[str, Any]:
+    """What register returns for content a version already holds (``unfinished``: its promotion
+    was cut short, and the caller should finish it)."""
+    unfinished = promotion_unfinished(existing, registry.alias(CHAMPION))
+    if unfinished:
+        logger.warning(
+            "%s version %s holds this model, but its promotion never finished: finishing it",
+            registry.name,
+            existing.number,
+        )
+    else:
+        logger.info("nothing new: %s version %s already holds this model", registry.name, existing.number)
+    return {
+        "name": registry.name,
+        "run_id": existing.run_id,
+        "version": existing.number,
+        "new": False,
+        "unfinished": unfinished,
+        "metrics": registry.eval_metrics(existing.run_id),
+        "store": redact(registry.uri),
+    }
 
 
 def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
@@ -339,16 +379,10 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
     registry = Registry(settings)
     name = registry.name
 
-    existing = registry.find({key: lineage[key] for key in IDENTITY_KEYS})
+    identity = {key: lineage[key] for key in IDENTITY_KEYS}
+    existing = registry.find(identity)
     if existing is not None:
-        logger.info("nothing new: %s version %s already holds this model", name, existing.number)
-        return {
-            "name": name,
-            "run_id": existing.run_id,
-            "version": existing.number,
-            "new": False,
-            "metrics": registry.eval_metrics(existing.run_id),
-        }
+        return _already_registered(registry, existing)
 
     spec = settings.train.adapter_spec()
     tags = {
@@ -393,7 +427,60 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
         },
         f"{spec.method} r={spec.r} on data {lineage['data_version']} (commit {lineage['git_commit']})",
     )
-    return {"name": name, "run_id": run.run_id, "version": version.number, "new": True, "metrics": flat}
+    # Two runs of the same content can both pass the check above (one stalled in its upload):
+    # the store's version numbers decide, the oldest stays and a younger twin removes itself.
+    kept = registry.find(identity)
+    if kept is not None and kept.number != version.number:
+        registry.delete_version(version.number)
+        registry.set_alias(CHALLENGER, kept.number)
+        logger.warning(
+            "%s version %s repeated version %s (another run registered this model meanwhile): removed",
+            name,
+            version.number,
+            kept.number,
+        )
+        return _already_registered(registry, kept)
+    return {
+        "name": name,
+        "run_id": run.run_id,
+        "version": version.number,
+        "new": True,
+        "metrics": flat,
+        "store": redact(registry.uri),  # which store: a record proves a champion existed there
+    }
+
+
+class LostChampionError(RegistryError):
+    """The store has no champion, but this project's run records show it had one."""
+
+
+def lost_champion(settings: Settings, registry: Registry) -> str | None:
+    """Why the store cannot be taken as new: it has no champion of the model, while a run
+    record of this project promoted one in the very same store (emptied, replaced, or the
+    alias deleted). None when it has a champion or never had one."""
+    if registry.alias(CHAMPION) is not None:
+        return None
+    from tasks.report import RUNS_DIR
+
+    store = redact(registry.uri)
+    for path in sorted(settings.path(RUNS_DIR).glob("*.json"), reverse=True):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        registration = record.get("registration") or {}
+        if (
+            record.get("status") in (RunStatus.PROMOTED, RunStatus.FORCED)
+            and registration.get("store") == store
+            and registration.get("name") == registry.name
+        ):
+            return (
+                f"{store} has no champion of {registry.name}, but run record {path} promoted its version "
+                f"{registration.get('version')} there: the store was emptied or replaced, or the alias "
+                "deleted. Restore the store from its backup; to start a new registry on purpose, run "
+                "with --new-registry (the first model is then promoted without a gate)"
+            )
+    return None
 
 
 # --------------------------------------------------------------------------- promote, rollback
@@ -420,7 +507,9 @@ def other_base(new: Mapping[str, str], champion: Version, what: str) -> str | No
     return None
 
 
-def promote(settings: Settings, version: str, *, force: bool = False, reason: str = "") -> dict[str, Any]:
+def promote(
+    settings: Settings, version: str, *, force: bool = False, reason: str = "", new_registry: bool = False
+) -> dict[str, Any]:
     """Run the gate for ``version`` against the champion; on a pass it becomes the champion.
 
     A rejection is a normal outcome (returned, not raised): the champion stays, and the
@@ -429,7 +518,8 @@ def promote(settings: Settings, version: str, *, force: bool = False, reason: st
     version's ``gate.rescored_champion`` tag names that champion), else its stored ones (said
     in the reasons). A challenger on another base model than the champion is refused.
     ``force`` (with a ``reason``) is a person's decision past the gate: recorded on the
-    version and as a run in the report."""
+    version and as a run in the report. A store that lost its champion
+    (:func:`lost_champion`) is an error unless ``new_registry`` says it is new on purpose."""
     if force and not reason.strip():
         raise RegistryError('a forced promotion needs a reason (--reason "..."), recorded in the registry')
     started = time.perf_counter()
@@ -438,6 +528,9 @@ def promote(settings: Settings, version: str, *, force: bool = False, reason: st
     number = candidate.number
     current = registry.alias(CHAMPION)
     previous = current.number if current is not None else None
+    lost = None if (current is not None or new_registry) else lost_champion(settings, registry)
+    if lost:
+        raise LostChampionError(lost)
     if current is not None and previous == number:
         return {
             "version": number,
@@ -507,6 +600,20 @@ def _unloadable(registry: Registry, version: Version) -> str | None:
             for problem in loadable_problems(folder, version.tags.get("base_model", ""))
         ]
     return "not loadable: " + "; ".join(problems[:3]) if problems else None
+
+
+def champion_problem(settings: Settings) -> str | None:
+    """Why the champion, as the registry holds it, would not load (its artifacts deleted or
+    damaged), or None. Checked before a run trusts it ("nothing new") or gates against it."""
+    registry = Registry(settings)
+    champion = registry.alias(CHAMPION)
+    problem = _unloadable(registry, champion) if champion is not None else None
+    if problem is None:
+        return None
+    return (
+        f"the champion, {registry.name} version {champion.number}, is {problem}: restore its artifacts "
+        "in the store, or roll back to a version that loads (python -m tasks.register rollback)"
+    )
 
 
 def rollback(settings: Settings) -> dict[str, Any]:
@@ -620,13 +727,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote_cmd.add_argument(
         "--reason", default="", help="why (required with --force; recorded in the registry)"
     )
+    promote_cmd.add_argument(
+        "--new-registry", action="store_true", help="the store is new on purpose (its champion is not lost)"
+    )
     commands.add_parser("rollback", help="give the champion alias back to the previous champion")
     commands.add_parser("show", help="champion and challenger with metrics and tags")
     args = parser.parse_args(argv)
     settings = load_settings(args.params, parse_overrides(args.set, parser))
     try:
         if args.command == "promote":
-            result = promote(settings, args.version, force=args.force, reason=args.reason)
+            result = promote(
+                settings, args.version, force=args.force, reason=args.reason, new_registry=args.new_registry
+            )
             print(f"version {result['version']}: {result['decision']} (champion: {result['champion']})")
             for reason in result["reasons"]:
                 print(f"  - {reason}")

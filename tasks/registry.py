@@ -26,7 +26,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -226,8 +228,16 @@ def check_registry(settings: Settings) -> str:
     from milora.redact import redact
 
     try:
-        return tracking_uri(settings)
+        uri = tracking_uri(settings)
+        _client(uri).search_registered_models(max_results=1)  # a store emptied while open: no tables
+        return uri
     except Exception as error:  # MLflow, SQLAlchemy and requests each raise their own types
+        if "no such table" in str(error):
+            raise RegistryError(
+                f"the MLflow store at {redact(configured_uri(settings))} has lost its tables (emptied "
+                "while this process had it open): restore it from its backup, or start again with "
+                "--new-registry in a new process"
+            ) from None
         raise RegistryError(
             f"the MLflow registry at {redact(configured_uri(settings))} cannot be used: "
             f"{redact(str(error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__} "
@@ -408,6 +418,21 @@ def _serving_requirements() -> list[str]:
 
 
 # --------------------------------------------------------------------------- the registry
+OWNER_TAG = "milora.owner"  # host:pid of the process logging a run
+INTERRUPTED_TAG = "milora.interrupted"
+INTERRUPTED_AFTER_H = 24  # a RUNNING run of another host this old is taken as dead
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class Registry:
     """The project's tracking store and registered model (``registry.model_name``)."""
 
@@ -466,11 +491,12 @@ class Registry:
         return sorted((Version.of(v) for v in found), key=lambda v: int(v.number))
 
     def find(self, tags: Mapping[str, str]) -> Version | None:
-        """The newest version carrying every one of ``tags``, or None."""
+        """The oldest version carrying every one of ``tags`` (the one that stays when two runs
+        raced to register the same content), or None."""
         clauses = [f"name = '{self.name}'"] + [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
         found = self.client.search_model_versions(" and ".join(clauses), max_results=10)
         same = [Version.of(v) for v in found if all(v.tags.get(k) == value for k, value in tags.items())]
-        return max(same, key=lambda v: int(v.number)) if same else None
+        return min(same, key=lambda v: int(v.number)) if same else None
 
     def eval_metrics(self, run_id: str | None) -> dict[str, float]:
         """A run's evaluation metrics (``<suite>.<metric>``), without the per-step training ones."""
@@ -502,7 +528,9 @@ class Registry:
         experiment = self.client.get_experiment_by_name(self.settings.registry.experiment)
         if experiment is None:  # deleted by someone since the store was prepared
             raise RegistryError(f"MLflow experiment {self.settings.registry.experiment!r} does not exist")
-        run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags=dict(tags))
+        self.fail_interrupted(experiment.experiment_id)
+        owner = {OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+        run = self.client.create_run(experiment.experiment_id, run_name=run_name, tags={**tags, **owner})
         writer = RunWriter(self.client, run.info.run_id, experiment.experiment_id)
         try:
             yield writer
@@ -515,6 +543,30 @@ class Registry:
             logger.error("logging run %s failed; nothing registered: %s", writer.run_id, error)
             raise
         self.client.set_terminated(writer.run_id, "FINISHED")
+
+    def fail_interrupted(self, experiment_id: str) -> list[str]:
+        """Mark FAILED the runs (and their PENDING logged models) whose logging process died: a
+        kill mid-upload would otherwise leave them RUNNING and PENDING for ever. A run is dead
+        when its owner process (``OWNER_TAG``) on this host is gone, or it has run for more than
+        ``INTERRUPTED_AFTER_H`` hours (an owner on another host). Returns their ids."""
+        running = self.client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+        now_ms, host = time.time() * 1000, socket.gethostname()
+        dead = []
+        for run in running:
+            owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
+            gone = owner_host == host and pid.isdigit() and not _process_alive(int(pid))
+            if gone or now_ms - run.info.start_time > INTERRUPTED_AFTER_H * 3.6e6:
+                dead.append(run.info.run_id)
+        if not dead:
+            return []
+        for model in self.client.search_logged_models([experiment_id], max_results=1000):
+            if model.source_run_id in dead and str(model.status).endswith("PENDING"):
+                self.client.finalize_logged_model(model.model_id, "FAILED")
+        for run_id in dead:
+            self.client.set_tag(run_id, INTERRUPTED_TAG, "its process ended while logging: marked failed")
+            self.client.set_terminated(run_id, "FAILED")
+            logger.warning("MLflow run %s was left RUNNING by a process that died: marked FAILED", run_id)
+        return dead
 
     def create_version(self, run: RunWriter, tags: Mapping[str, str], description: str) -> Version:
         """Register ``run``'s served model as a new version (the model is created on first use)
@@ -545,6 +597,9 @@ class Registry:
     def tag(self, number: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(number), key, value)
+
+    def delete_version(self, number: str) -> None:
+        self.client.delete_model_version(self.name, str(number))
 
     def untag(self, number: str, key: str) -> None:
         self.client.delete_model_version_tag(self.name, str(number), key)

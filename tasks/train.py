@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import parse_overrides, run_command
+from tasks import claim, parse_overrides, run_command
 
 logger = logging.getLogger(__name__)
 
 
 def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train the configured adapter on the dataset's training split; returns the summary."""
-    from milora.atomic import replace_directory
+    from milora.atomic import mark_output, replace_directory
     from milora.data.dataset import load_messages, read_manifest
     from milora.layout import MANIFEST, RAW_ADAPTER, RUN_KEY
     from milora.training.loop import finished_run, is_main_process
@@ -46,7 +46,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     conversations = load_messages(dataset, "train")
     if not conversations:
         raise ValueError(f"{dataset}: the dataset's train split is empty; nothing to train on")
-    out = Path(run_dir or settings.path(cfg.run_dir))
+    out = claim(settings, run_dir or settings.path(cfg.run_dir), "train.run_dir")
     init_dir = settings.path(cfg.init_dir)
     logger.info(
         "training %s r=%d (profile %s) on %d conversations of %s (%d rows in all)",
@@ -82,6 +82,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
             init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
         )
         if is_main_process():  # under torchrun, one process publishes
+            mark_output(work)
             replace_directory(work, out)
     return {
         "run_dir": str(out),

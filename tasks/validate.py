@@ -55,7 +55,7 @@ from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
 from milora.data.tokens import TokenCounter, context_length
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
-from tasks import run_command
+from tasks import claim, run_command
 from tasks.ingest import ingest
 
 logger = logging.getLogger(__name__)
@@ -482,8 +482,10 @@ def validate(
     tools = _tools(settings, reports)
     report = ValidationReport(passed=False, data_docs=tools.data_docs)
     target = (Path(publish_dir) if publish_dir else settings.path(cfg.dataset_dir)) if publish else None
+    if target is not None:
+        claim(settings, target, "validate.dataset_dir")
     scratch_parent = tempfile.TemporaryDirectory(prefix="milora-validate-")
-    staging = atomic_directory(target) if target else _plain(Path(scratch_parent.name) / "dataset")
+    staging = atomic_directory(target, mark=True) if target else _plain(Path(scratch_parent.name) / "dataset")
     quarantine_tmp = reports / f".quarantine.jsonl.tmp-{os.getpid()}"
     try:
         with staging as scratch, quarantine_tmp.open("w", encoding="utf-8", newline="\n") as quarantine:

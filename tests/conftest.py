@@ -356,7 +356,16 @@ def stage_settings(root: Path, base_model: str, **overrides):
     )
 
 
-COPIED = ["dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "tasks", "milora", "gx"]
+COPIED = [
+    "dvc.yaml",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots_page.html",
+    "tasks",
+    "milora",
+    "gx",
+]
 
 
 def git(root: Path, *args: str) -> None:

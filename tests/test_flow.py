@@ -312,6 +312,7 @@ def test_a_version_from_an_uncommitted_drop_names_the_drop_on_recompute(project,
     tags = client.get_model_version(name, version).tags
     assert tags["uncommitted"] == "company/drop_02/train.jsonl" and tags["git_commit"].endswith("-dirty")
     into = tmp_path / "recomputed"
+    capsys.readouterr()  # the run's own log lines name every drop
     code = rebuild_main([version, "--into", str(into), "--recompute", "--params", params])
     error = capsys.readouterr().err
     assert code == 1 and "company/drop_02/train.jsonl: recorded with the version, missing here" in error
@@ -397,3 +398,27 @@ def test_an_unreachable_registry_fails_first_and_its_password_is_nowhere(
         assert any("cannot be used" in (run.state.message or "") for run in runs)
         assert all(secret not in (run.state.message or "") for run in runs)
         assert all(secret not in log.message for log in client.read_logs())
+
+
+def test_an_emptied_store_stops_the_run_until_a_new_registry_is_said(project, harness):
+    """`: > mlflow.db` after this project promoted champions there. In this (long-running)
+    process the store has lost its tables; a new process (`python -m flows.retrain`) finds an
+    empty store. Either way the run fails before any stage instead of promoting a "first model"
+    past the gate; --new-registry starts afresh."""
+    params = str(project / "params.yaml")
+    (project / "mlflow.db").write_bytes(b"")
+    with pytest.raises(Exception, match=r"has lost its tables \(emptied while this process had it open\)"):
+        retrain(params, allow_uncommitted=True)
+    assert latest_record(project)["stages"] == {}
+    command = [sys.executable, "-m", "flows.retrain", "--params", params, "--allow-uncommitted"]
+    refused = subprocess.run(command, cwd=project, env=stage_env(), capture_output=True, text=True)
+    assert refused.returncode == 1 and "but run record" in refused.stderr, refused.stderr[-2000:]
+    assert "emptied or replaced" in refused.stderr and latest_record(project)["stages"] == {}
+    started = subprocess.run(
+        [*command, "--new-registry"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    assert started.returncode == 0 and "first model: no champion yet" in started.stdout, started.stderr[
+        -2000:
+    ]
+    record = latest_record(project)
+    assert record["status"] == "promoted" and record["registration"]["version"] == "1"

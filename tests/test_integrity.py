@@ -147,3 +147,84 @@ def test_the_untampered_adapter_loads(saved_adapter):
     from milora.adapter_io import load_adapter
 
     assert load_adapter(tiny_llama(), saved_adapter).milora_init.spec.r == 4
+
+
+# --------------------------------------------------------------------------- output folders
+def test_an_output_folder_is_claimed_only_inside_the_project_and_when_it_is_ours(tmp_path):
+    from milora.atomic import ForeignOutputError, claim_output, mark_output
+
+    root = tmp_path / "project"
+    (root / "data" / "company").mkdir(parents=True)
+    with pytest.raises(ForeignOutputError, match=r"ingest.out_dir: .* is not inside the project"):
+        claim_output(tmp_path / "elsewhere", root, "ingest.out_dir")
+    with pytest.raises(ForeignOutputError, match="is the project folder itself"):
+        claim_output(root, root, "ingest.out_dir")
+    with pytest.raises(ForeignOutputError, match=r"would hold the input .*company"):
+        claim_output(root / "data", root, "ingest.out_dir", inputs=[root / "data" / "company"])
+    foreign = root / "shared"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    with pytest.raises(ForeignOutputError, match=r"holds files this pipeline did not write \(notes.txt\)"):
+        claim_output(foreign, root, "ingest.out_dir")
+    assert claim_output(foreign, root, "k", adopt=True) == foreign.resolve()  # recorded by dvc.lock
+    mark_output(foreign)
+    assert claim_output(foreign, root, "k") == foreign.resolve()
+    assert claim_output(root / "new" / "out", root, "k") == (root / "new" / "out").resolve()
+
+
+def test_ingest_never_replaces_a_folder_of_other_files(tmp_path, chat_model_dir):
+    """`ingest.out_dir` at a folder holding someone's file, or at the project's data folder:
+    refused before anything is read, and every file stays; the stage's own folder is replaced."""
+    from conftest import stage_settings
+
+    from milora.atomic import OUTPUT_MARKER, ForeignOutputError
+    from tasks.ingest import ingest
+
+    settings = stage_settings(
+        tmp_path,
+        chat_model_dir,
+        **{"ingest.watch": "data/company", "ingest.sources": ["data/company/*.jsonl"]},
+    )
+    (tmp_path / "data" / "company").mkdir(parents=True)
+    (tmp_path / "drop.jsonl").rename(tmp_path / "data" / "company" / "drop.jsonl")
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "keep.csv").write_text("a,b\n")
+    with pytest.raises(ForeignOutputError, match=r"holds files this pipeline did not write \(keep.csv\)"):
+        ingest(settings.with_overrides({"ingest.out_dir": "exports"}))
+    assert (tmp_path / "exports" / "keep.csv").read_text() == "a,b\n"
+    with pytest.raises(ForeignOutputError, match=r"would hold the input .*data/company"):
+        ingest(settings.with_overrides({"ingest.out_dir": "data"}))  # the project's data folder
+    with pytest.raises(ForeignOutputError, match="is the project folder itself"):
+        ingest(settings.with_overrides({"ingest.out_dir": "."}))
+    report = ingest(settings)
+    assert (report.out_dir / OUTPUT_MARKER).is_file()
+    ingest(settings)  # its own folder: replaced
+
+
+def test_a_source_outside_the_watched_folder_is_refused(tmp_path, chat_model_dir):
+    """DVC's ingest stage depends on ingest.watch: a source elsewhere could change unseen."""
+    from conftest import stage_settings
+
+    from tasks.ingest import ingest, unwatched_sources
+
+    settings = stage_settings(tmp_path, chat_model_dir, **{"ingest.watch": "company"})
+    (tmp_path / "company").mkdir()
+    (problem,) = unwatched_sources(settings)
+    assert problem.startswith("ingest.sources: drop.jsonl lies outside ingest.watch (company)")
+    with pytest.raises(SettingsError, match=r"drop\.jsonl lies outside ingest\.watch"):
+        ingest(settings)
+    assert not (tmp_path / "ingested").exists()
+
+
+def test_a_garbled_store_is_named_before_any_stage(tmp_path, monkeypatch):
+    from conftest import make_settings
+
+    from tasks.registry import RegistryError, check_registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"not a database, just bytes\x00" * 100)
+    settings = make_settings(tmp_path, {"registry.tracking_uri": "sqlite:///mlflow.db"})
+    with pytest.raises(
+        RegistryError, match=r"the MLflow registry at sqlite:///.*mlflow\.db cannot be used: "
+    ):
+        check_registry(settings)

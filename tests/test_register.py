@@ -585,3 +585,124 @@ def test_a_version_that_would_not_load_never_becomes_champion(model, tmp_path):
     with pytest.raises(registry.RegistryError, match="cannot roll back to version 1: not loadable"):
         reg.rollback(model)
     assert alias(client, name, "champion") == "3"
+
+
+def test_a_store_that_lost_its_champion_is_never_a_first_model(model, tmp_path):
+    """The model emptied from the store after this project promoted a champion in it (its run
+    record says so): the next promotion is an error, not "first model", until --new-registry."""
+    from tasks.report import report
+
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    reg.promote(model, first["version"])
+    report(model, status="promoted", seconds=1.0, registration=first)
+    assert first["store"] == registry.configured_uri(model)
+    client.delete_registered_model(name)  # the store lost the model and its champion
+    again = reg.register(with_metrics(model, tmp_path / "v1b", company__score=0.1), lineage("1b"))
+    with pytest.raises(
+        reg.LostChampionError, match=rf"has no champion of {name}, but run record .* promoted"
+    ):
+        reg.promote(model, again["version"])
+    assert alias(client, name, "champion") is None
+    decision = reg.promote(model, again["version"], new_registry=True)
+    assert decision["decision"] == "promoted" and alias(client, name, "champion") == again["version"]
+
+
+def test_a_promotion_cut_short_is_finished_by_the_rerun(model, tmp_path, monkeypatch):
+    """Killed after the version was created (no decision), or after the gate's tags but before
+    the alias moved: registering the same content again says the promotion is unfinished (the
+    flow then promotes it), and the promotion leaves tags and aliases agreeing."""
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    reg.promote(model, first["version"])
+    better = with_metrics(model, tmp_path / "v2", company__score=0.9)
+    second = reg.register(better, lineage(2))  # ... and the run dies before promote
+    again = reg.register(better, lineage(2))
+    assert again["new"] is False and again["unfinished"] is True and again["version"] == second["version"]
+    assert reg.registered_version(better, {**lineage(2), **_identity(better)}) is None  # not "nothing new"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the champion alias moved")
+
+    monkeypatch.setattr(registry.Registry, "set_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reg.promote(model, second["version"])
+    monkeypatch.undo()
+    assert client.get_model_version(name, "2").tags["gate.decision"] == "promoted"
+    assert alias(client, name, "champion") == "1"  # tags and alias disagree ...
+    rerun = reg.register(better, lineage(2))
+    assert rerun["unfinished"] is True
+    assert reg.promote(model, rerun["version"])["decision"] == "promoted"
+    assert alias(client, name, "champion") == "2"  # ... until the rerun finished it
+    done = reg.register(better, lineage(2))
+    assert done["unfinished"] is False
+    assert reg.registered_version(better, {**lineage(2), **_identity(better)}) == "2"
+
+
+def _identity(settings: Settings) -> dict[str, str]:
+    """The identity keys register computes from the run folder."""
+    run_dir = settings.path(settings.train.run_dir)
+    return {
+        "adapter_digest": adapter_digest(run_dir / "adapter", run_dir / SERVED_ADAPTER),
+        "base_model": settings.base_model,
+    }
+
+
+def _register_in_child(settings, lineage_, start, results) -> None:
+    start.wait(timeout=60)
+    try:
+        results.put(reg.register(settings, lineage_)["version"])
+    except Exception as error:  # reported to the test
+        results.put(f"error: {error!r}")
+
+
+def test_two_processes_registering_one_model_leave_one_version(model, tmp_path):
+    """Two runs of the same content registering at once (each finds nothing, each creates):
+    the younger version removes itself, and both return the one that stays."""
+    import multiprocessing
+
+    settings = with_metrics(model, tmp_path / "race", company__score=0.5)
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(2), context.Queue()
+    children = [
+        context.Process(target=_register_in_child, args=(settings, lineage("race"), start, results))
+        for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=300)
+    returned = sorted(results.get(timeout=5) for _ in children)
+    client = client_of(model)
+    name = model.registry.model_name
+    assert versions(client, name) == [returned[0]] and returned[0] == returned[1], returned
+    assert alias(client, name, "challenger") == returned[0]
+
+
+def test_runs_left_running_by_a_killed_process_are_marked_failed(model, tmp_path):
+    """A kill mid-upload leaves a run RUNNING and its logged model PENDING: the next
+    registration marks both FAILED (their owner process is gone)."""
+    import socket
+    import subprocess
+    import sys
+
+    client = client_of(model)
+    experiment = client.get_experiment_by_name(model.registry.experiment).experiment_id
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    owner = f"{socket.gethostname()}:{gone.stdout.strip()}"
+    stalled = client.create_run(experiment, run_name="killed-mid-upload", tags={registry.OWNER_TAG: owner})
+    pending = client.create_logged_model(experiment, name="served", source_run_id=stalled.info.run_id)
+    alive = client.create_run(
+        experiment,
+        run_name="still-logging",
+        tags={registry.OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+    )
+    reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    assert client.get_run(stalled.info.run_id).info.status == "FAILED"
+    assert str(client.get_logged_model(pending.model_id).status).endswith("FAILED")
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # a live owner is left alone
+    client.set_terminated(alive.info.run_id, "FINISHED")

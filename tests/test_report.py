@@ -4,6 +4,7 @@ in a real headless Chromium (Debian's package, driven by Playwright)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -302,49 +303,55 @@ def _plots(page) -> list[dict]:
     )
 
 
-def test_report_renders_in_headless_chromium(served, tmp_path):
+@contextlib.contextmanager
+def chromium_page(tmp_path: Path):
+    """A page of the system's headless Chromium (skipped where there is none)."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("Chromium not found (/usr/bin/chromium or MILORA_CHROMIUM); `make test` installs it")
     from playwright.sync_api import sync_playwright
 
-    problems: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS
         )
         try:
-            page = browser.new_page()
-            page.on(
-                "console",
-                lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-
-            assert page.goto(f"{served}/index.html").status == 200
-            assert page.title() == "retrain runs"
-            rows = page.locator("table").first.locator("tbody tr")
-            assert rows.count() == 3
-            assert FAILURE in rows.filter(has_text="grumpy-moth").inner_text()
-            plots = _plots(page)
-            assert len(plots) == 1 and all(p["w"] > 100 and p["h"] > 100 for p in plots)
-
-            page.click("text=calm-otter")
-            page.wait_for_load_state()
-            assert page.url.endswith("-promoted.html")
-            assert "promoted" in page.locator("h1").inner_text()
-            plots = _plots(page)
-            assert len(plots) == 5 and all(p["w"] > 100 and p["h"] > 100 for p in plots)
-
-            page.click("text=all runs")
-            page.wait_for_load_state()
-            page.click("text=grumpy-moth")
-            page.wait_for_load_state()
-            assert FAILURE in page.locator("pre").inner_text()
-            assert len(_plots(page)) == 1  # the version history; no spectrum: failed before init
+            yield browser.new_page()
         finally:
             browser.close()
+
+
+def test_report_renders_in_headless_chromium(served, tmp_path):
+    problems: list[str] = []
+    with chromium_page(tmp_path) as page:
+        page.on(
+            "console",
+            lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
+        )
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+
+        assert page.goto(f"{served}/index.html").status == 200
+        assert page.title() == "retrain runs"
+        rows = page.locator("table").first.locator("tbody tr")
+        assert rows.count() == 3
+        assert FAILURE in rows.filter(has_text="grumpy-moth").inner_text()
+        plots = _plots(page)
+        assert len(plots) == 1 and all(p["w"] > 100 and p["h"] > 100 for p in plots)
+
+        page.click("text=calm-otter")
+        page.wait_for_load_state()
+        assert page.url.endswith("-promoted.html")
+        assert "promoted" in page.locator("h1").inner_text()
+        plots = _plots(page)
+        assert len(plots) == 5 and all(p["w"] > 100 and p["h"] > 100 for p in plots)
+
+        page.click("text=all runs")
+        page.wait_for_load_state()
+        page.click("text=grumpy-moth")
+        page.wait_for_load_state()
+        assert FAILURE in page.locator("pre").inner_text()
+        assert len(_plots(page)) == 1  # the version history; no spectrum: failed before init
     assert problems == []
 
 
@@ -367,11 +374,6 @@ def test_dvc_plots_page_is_the_committed_offline_template():
 def test_dvc_plots_show_renders_offline_in_headless_chromium(tmp_path):
     """A real `dvc plots show` with the project's DVC config draws the loss curve in Chromium
     with every network request blocked (and none made)."""
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("Chromium not found (/usr/bin/chromium or MILORA_CHROMIUM); `make test` installs it")
-    from playwright.sync_api import sync_playwright
-
     project = tmp_path / "project"
     project.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
@@ -392,20 +394,13 @@ def test_dvc_plots_show_renders_offline_in_headless_chromium(tmp_path):
 
     requests: list[str] = []
     problems: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+    with chromium_page(tmp_path) as page:
+        page.route(
+            re.compile(r"^(?!file:).*"), lambda route: (requests.append(route.request.url), route.abort())
         )
-        try:
-            page = browser.new_page()
-            page.route(
-                re.compile(r"^(?!file:).*"), lambda route: (requests.append(route.request.url), route.abort())
-            )
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(page_file.as_uri())
-            drawn = page.wait_for_selector(".vega-embed canvas, .vega-embed svg", timeout=20_000)
-            box = drawn.bounding_box()
-            assert box and box["width"] > 100 and box["height"] > 100
-        finally:
-            browser.close()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(page_file.as_uri())
+        drawn = page.wait_for_selector(".vega-embed canvas, .vega-embed svg", timeout=20_000)
+        box = drawn.bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 100
     assert requests == [] and problems == []

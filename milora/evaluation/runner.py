@@ -338,7 +338,7 @@ def evaluate_adapter(
     results = evaluate_model(tuned, tokenizer, suites, root, batch_size=batch_size, label="adapter")
     rows = compare(base, results, suites)
     info = {"base_model": str(base_path), "adapter": str(adapter), "merged": merged, **(info or {})}
-    with atomic_directory(Path(out_dir)) as scratch:
+    with atomic_directory(Path(out_dir), mark=True) as scratch:
         metrics = write_results(scratch, base, results, rows, info)
     logger.info(
         "evaluated %s: %s",
@@ -421,7 +421,7 @@ def compare_with_champion(
             if row.champion is not None
         },
     }
-    with atomic_directory(Path(out_dir)) as scratch:
+    with atomic_directory(Path(out_dir), mark=True) as scratch:
         for name, result in held.items():
             result.write(scratch / f"{name}.json")
         (scratch / PAIRED).write_text(json.dumps(paired, indent=1, sort_keys=True) + "\n")
