@@ -611,7 +611,7 @@ def champion_problem(settings: Settings) -> str | None:
     if problem is None:
         return None
     return (
-        f"the champion, {registry.name} version {champion.number}, is {problem}: restore its artifacts "
+        f"the champion, {registry.name} version {champion.number}: {problem}. Restore its artifacts "
         "in the store, or roll back to a version that loads (python -m tasks.register rollback)"
     )
 

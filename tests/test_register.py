@@ -609,36 +609,83 @@ def test_a_store_that_lost_its_champion_is_never_a_first_model(model, tmp_path):
     assert decision["decision"] == "promoted" and alias(client, name, "champion") == again["version"]
 
 
-def test_a_promotion_cut_short_is_finished_by_the_rerun(model, tmp_path, monkeypatch):
-    """Killed after the version was created (no decision), or after the gate's tags but before
-    the alias moved: registering the same content again says the promotion is unfinished (the
-    flow then promotes it), and the promotion leaves tags and aliases agreeing."""
+def _killed_at(settings: Settings, lineage_: dict[str, str], method: str, when) -> int:
+    """Run register then promote in a forked process that SIGKILLs itself inside
+    ``Registry.<method>`` (after the call, or before it when ``when`` is "before") for the
+    arguments ``when`` accepts; returns the child's exit code."""
+    import multiprocessing
+    import signal
+
+    def child() -> None:
+        original = getattr(registry.Registry, method)
+
+        def dying(self, *args, **kwargs):
+            if when == "after-any" or when(*args):
+                if method == "set_alias":
+                    os.kill(os.getpid(), signal.SIGKILL)  # before the alias moves
+                result = original(self, *args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)  # right after the version exists
+                return result
+            return original(self, *args, **kwargs)
+
+        setattr(registry.Registry, method, dying)
+        registered = reg.register(settings, lineage_)
+        reg.promote(settings, registered["version"])
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(timeout=300)
+    return process.exitcode
+
+
+def test_a_promotion_cut_short_by_kill_9_is_finished_by_the_rerun(model, tmp_path):
+    """kill -9 right after the version was created (no decision), and kill -9 as the champion
+    alias is about to move (decision tagged): registering the same content again says the
+    promotion is unfinished (the flow then promotes it); afterwards tags and aliases agree."""
     client = client_of(model)
     name = model.registry.model_name
     first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
     reg.promote(model, first["version"])
+
     better = with_metrics(model, tmp_path / "v2", company__score=0.9)
-    second = reg.register(better, lineage(2))  # ... and the run dies before promote
+    assert _killed_at(better, lineage(2), "create_version", "after-any") == -9
     again = reg.register(better, lineage(2))
-    assert again["new"] is False and again["unfinished"] is True and again["version"] == second["version"]
+    assert again["new"] is False and again["unfinished"] is True and again["version"] == "2"
+    assert "gate.decision" not in client.get_model_version(name, "2").tags
     assert reg.registered_version(better, {**lineage(2), **_identity(better)}) is None  # not "nothing new"
+    assert reg.promote(model, "2")["decision"] == "promoted" and alias(client, name, "champion") == "2"
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed before the champion alias moved")
-
-    monkeypatch.setattr(registry.Registry, "set_alias", killed)
-    with pytest.raises(KeyboardInterrupt):
-        reg.promote(model, second["version"])
-    monkeypatch.undo()
-    assert client.get_model_version(name, "2").tags["gate.decision"] == "promoted"
-    assert alias(client, name, "champion") == "1"  # tags and alias disagree ...
-    rerun = reg.register(better, lineage(2))
+    best = with_metrics(model, tmp_path / "v3", company__score=0.95)
+    assert _killed_at(best, lineage(3), "set_alias", lambda label, number: label == "champion") == -9
+    assert client.get_model_version(name, "3").tags["gate.decision"] == "promoted"
+    assert alias(client, name, "champion") == "2"  # tags and alias disagree ...
+    rerun = reg.register(best, lineage(3))
     assert rerun["unfinished"] is True
     assert reg.promote(model, rerun["version"])["decision"] == "promoted"
-    assert alias(client, name, "champion") == "2"  # ... until the rerun finished it
-    done = reg.register(better, lineage(2))
-    assert done["unfinished"] is False
-    assert reg.registered_version(better, {**lineage(2), **_identity(better)}) == "2"
+    assert alias(client, name, "champion") == "3"  # ... until the rerun finished it
+    assert reg.register(best, lineage(3))["unfinished"] is False
+    assert reg.registered_version(best, {**lineage(3), **_identity(best)}) == "3"
+
+
+def test_a_champion_whose_artifacts_vanished_is_reported(model, tmp_path):
+    """Deleted from the artifact store: the run stops with the reason (not "nothing new"), and
+    rebuild says the artifacts are missing."""
+    from urllib.parse import urlparse
+
+    from tasks.rebuild import RebuildError, _same_weights
+
+    client = client_of(model)
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    reg.promote(model, first["version"])
+    assert reg.champion_problem(model) is None
+    shutil.rmtree(Path(urlparse(client.get_run(first["run_id"]).info.artifact_uri).path))
+    problem = reg.champion_problem(model)
+    assert problem.startswith(
+        f"the champion, {model.registry.model_name} version 1: its adapter_for_stock_base/"
+    )
+    assert "roll back" in problem
+    with pytest.raises(RebuildError, match="artifacts are missing from the store"):
+        _same_weights(registry.Registry(model), first["run_id"], tmp_path / "rebuilt")
 
 
 def _identity(settings: Settings) -> dict[str, str]:
