@@ -105,16 +105,18 @@ def claim_output(
     *,
     inputs: Iterable[str | os.PathLike[str]] = (),
     adopt: bool = False,
+    confine: bool = True,
 ) -> Path:
-    """``target`` if a stage may replace it: inside ``root`` (not ``root`` itself), holding none
-    of ``inputs``, and either absent, empty, marked as a pipeline output, or ``adopt``-ed (an
+    """``target`` if a stage may replace it: inside ``root`` (not ``root`` itself; ``confine``
+    False for a folder a caller named explicitly, such as a scratch folder), holding none of
+    ``inputs``, and either absent, empty, marked as a pipeline output, or ``adopt``-ed (an
     output an earlier version wrote unmarked). ``key`` names the setting in the error."""
     target, base = Path(target).resolve(), Path(root).resolve()
     if target == base:
         raise ForeignOutputError(
             f"{key}: {target} is the project folder itself: give the output a folder of its own"
         )
-    if not target.is_relative_to(base):
+    if confine and not target.is_relative_to(base):
         raise ForeignOutputError(
             f"{key}: {target} is not inside the project {base}: outputs live in the project (a "
             "stage replaces its output folder as a whole)"

@@ -60,12 +60,18 @@ def locked_hashes(root: str | os.PathLike[str]) -> dict[str, str]:
     }
 
 
-def claim(settings: Settings, path: str | os.PathLike[str], key: str) -> Path:
-    """``path`` as a stage's output folder (:func:`milora.atomic.claim_output`): in the project,
-    holding no input, and the pipeline's own. A folder ``dvc.lock`` records as an output is
-    the pipeline's even without the marker (written before outputs were marked)."""
+def claim(settings: Settings, path: str | os.PathLike[str] | None, key: str) -> Path:
+    """A stage's output folder (:func:`milora.atomic.claim_output`): ``path`` when the caller
+    names one (a command's ``--out``, a scratch folder: anywhere), else the setting ``key``
+    (inside the project); either way holding no input, and the pipeline's own. A folder
+    ``dvc.lock`` records as an output is the pipeline's even without the marker (written
+    before outputs were marked)."""
     from milora.atomic import claim_output
 
+    explicit = path is not None
+    if path is None:
+        section, _, name = key.partition(".")
+        path = settings.path(getattr(_section(settings, section), name))
     resolved, root = Path(path).resolve(), settings.root.resolve()
     relative = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else None
     inputs = [
@@ -73,7 +79,15 @@ def claim(settings: Settings, path: str | os.PathLike[str], key: str) -> Path:
         settings.path(settings.base_model),
         settings.root / "params.yaml",
     ]
-    return claim_output(path, root, key, inputs=inputs, adopt=relative in locked_hashes(root))
+    return claim_output(
+        path, root, key, inputs=inputs, adopt=relative in locked_hashes(root), confine=not explicit
+    )
+
+
+def _section(settings: Settings, name: str) -> Any:
+    """A params.yaml section by its file name (``validate`` is ``settings.validation``)."""
+    aliases = {"validate": "validation", "evaluate": "evaluation"}
+    return getattr(settings, aliases.get(name, name))
 
 
 def stage_task(

@@ -45,7 +45,7 @@ def compare_champion(settings: Settings) -> dict[str, Any]:
     """Score the champion on the items of ``evaluate.out_dir``; returns ``paired.json``."""
     from milora.evaluation.runner import compare_with_champion
 
-    folder = claim(settings, settings.path(settings.registry.champion_dir), "registry.champion_dir")
+    folder = claim(settings, None, "registry.champion_dir")
     registry, missing = Registry.existing(settings)
     champion = registry.alias(CHAMPION) if registry is not None else None
     if champion is None:

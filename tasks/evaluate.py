@@ -44,7 +44,7 @@ def evaluate(
         adapter,
         cfg.suites,
         settings.root,
-        claim(settings, out_dir or settings.path(cfg.out_dir), "evaluate.out_dir"),
+        claim(settings, out_dir, "evaluate.out_dir"),
         batch_size=cfg.batch_size,
         cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
         merged=cfg.merged,

@@ -176,9 +176,7 @@ def ingest(
     are given here); the previous output folder is then left untouched.
     """
     cfg = settings.ingest
-    out = claim(
-        settings, Path(out_dir) if out_dir is not None else settings.path(cfg.out_dir), "ingest.out_dir"
-    )
+    out = claim(settings, out_dir, "ingest.out_dir")
     entries = list(sources) if sources else cfg.sources
     try:
         files = resolve_sources(entries, settings.root)

@@ -33,7 +33,7 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     from milora.modeling import load_base_model
 
     cfg = settings.train
-    out = claim(settings, out_dir or settings.path(cfg.init_dir), "train.init_dir")
+    out = claim(settings, out_dir, "train.init_dir")
     base_path = settings.path(settings.base_model)
     started = time.perf_counter()
     model = init_adapter(

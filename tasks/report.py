@@ -47,6 +47,26 @@ def _metric_rows(settings: Settings) -> list[dict[str, Any]]:
     ]
 
 
+SUPERSEDED_IN_RECORD = 20  # facts a later drop changed, listed in the record (all are counted)
+
+
+def _data_summary(settings: Settings) -> dict[str, Any] | None:
+    """What the validation gate published (its summary.json): rows, quarantine, and the facts
+    a later drop answered anew."""
+    path = settings.path(settings.validation.reports_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {
+        "rows_published": summary.get("rows_published"),
+        "quarantined": summary.get("quarantined"),
+        "superseded_count": summary.get("superseded_count", 0),
+        "superseded_policy": summary.get("superseded_policy"),
+        "superseded": (summary.get("superseded") or [])[:SUPERSEDED_IN_RECORD],
+    }
+
+
 def _markdown(record: dict[str, Any]) -> str:
     lines = [f"# Retrain: {record['status']}", ""]
     lineage = record.get("lineage") or {}
@@ -56,6 +76,12 @@ def _markdown(record: dict[str, Any]) -> str:
     if record.get("stages"):
         ran = ", ".join(f"{k} ({'ran' if v else 'unchanged'})" for k, v in record["stages"].items())
         lines.append(f"- **stages**: {ran}")
+    data = record.get("data") or {}
+    if data:
+        lines.append(
+            f"- **data**: {data.get('rows_published')} rows published, {data.get('quarantined')} quarantined, "
+            f"{data.get('superseded_count')} facts answered anew by a later drop ({data.get('superseded_policy')})"
+        )
     registration = record.get("registration") or {}
     if registration:
         lines.append(
@@ -68,6 +94,18 @@ def _markdown(record: dict[str, Any]) -> str:
         lines += [f"- {reason}" for reason in (reasons if isinstance(reasons, list) else [reasons])]
     if record.get("error"):
         lines += ["", "## Error", "", "```", record["error"], "```"]
+    if data.get("superseded"):
+        lines += [
+            "",
+            "## Facts a later drop changed",
+            "",
+            "| question | old answer (drop) | new answer (drop) |",
+        ]
+        lines.append("|---|---|---|")
+        for fact in data["superseded"]:
+            lines.append(
+                f"| {fact['key']} | {fact['old_answer']} ({fact['old_drop']}) | {fact['new_answer']} ({fact['new_drop']}) |"
+            )
     if record.get("metrics"):
         lines += [
             "",
@@ -90,6 +128,9 @@ def report(settings: Settings, status: str, seconds: float, **facts: Any) -> dic
         record["error"] = redact(str(record["error"]))  # the record, its page and the artifact
     if status not in RunStatus.WITHOUT_EVALUATION:
         record["metrics"] = _metric_rows(settings)
+    data = _data_summary(settings)
+    if data is not None and "data" not in record:
+        record["data"] = data
     context = FlowRunContext.get()
     if context is not None:
         record["flow_run"] = {"id": str(context.flow_run.id), "name": context.flow_run.name}

@@ -46,7 +46,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     conversations = load_messages(dataset, "train")
     if not conversations:
         raise ValueError(f"{dataset}: the dataset's train split is empty; nothing to train on")
-    out = claim(settings, run_dir or settings.path(cfg.run_dir), "train.run_dir")
+    out = claim(settings, run_dir, "train.run_dir")
     init_dir = settings.path(cfg.init_dir)
     logger.info(
         "training %s r=%d (profile %s) on %d conversations of %s (%d rows in all)",

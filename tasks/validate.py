@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from milora.atomic import atomic_directory, atomic_write_text
@@ -50,6 +51,7 @@ from milora.data.dataset import (
     write_manifest,
 )
 from milora.data.errors import DataValidationError, Finding
+from milora.data.facts import FactRecord, Resolution, drop_of, fact_key, resolve
 from milora.data.normalise import FORMATS
 from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
@@ -250,6 +252,8 @@ class ValidationReport:
     failures: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     quarantined: int = 0
+    superseded: list[dict[str, Any]] = field(default_factory=list)  # facts a later drop answered anew
+    superseded_policy: str = "supersede"  # supersede: out of training; warn: kept, reported
     published: Path | None = None
     data_docs: Path | None = None
     summary_path: Path | None = None
@@ -265,6 +269,9 @@ class ValidationReport:
             "passed": self.passed,
             "rows_published": self.rows if self.passed else 0,
             "quarantined": self.quarantined,
+            "superseded_count": len(self.superseded),
+            "superseded_policy": self.superseded_policy,
+            "superseded": self.superseded[:SUPERSEDED_SHOWN],
             "parts": self.parts,
             "failures": [f.to_dict() for f in self.failures],
             "warnings": [f.to_dict() for f in self.warnings],
@@ -401,6 +408,93 @@ def _gx_frame(rows: list[dict[str, Any]], derived: dict[str, list[Any]]) -> pd.D
     return pd.DataFrame(columns)
 
 
+SUPERSEDED_SHOWN = 200  # superseded facts listed in summary.json (all are counted)
+
+
+def _fact_records(source: str, order: int, clean: list[dict[str, Any]]) -> list[FactRecord]:
+    """The clean rows of one part as facts (quarantined rows and duplicates take no part)."""
+    drop = drop_of(source)
+    return [
+        FactRecord(
+            source, row["source_row"], drop, order, fact_key(row["instruction"], row["input"]), row["output"]
+        )
+        for row in clean
+        if row["output"]
+    ]
+
+
+def _apply_facts(
+    facts: Resolution,
+    report: ValidationReport,
+    parts: list[dict[str, Any]],
+    scratch: Path,
+    settings: Settings,
+) -> None:
+    """Report the facts of all drops; under ``supersede``, take the superseded records out of
+    the parts already written (a part is rewritten only if it lost rows)."""
+    policy = settings.validation.policy("superseded")
+    report.superseded = [s.to_dict() for s in facts.superseded.values()]
+    report.superseded_policy = policy
+    for counts in report.parts:
+        findings = _fact_findings(counts["source"], facts, settings)
+        report.failures += [f for f in findings if f.policy == "fail"]
+        report.warnings += [f for f in findings if f.policy != "fail"]
+        for finding in findings:
+            (logger.error if finding.policy == "fail" else logger.warning)(
+                "%s (policy %s)", finding.line(), finding.policy
+            )
+        counts["superseded"] = 0
+    if policy != "supersede" or report.failures or not facts.superseded:
+        return
+    for part in parts:
+        gone = {row for source, row in facts.superseded if source == part["source"]}
+        if not gone:
+            continue
+        table = pq.read_table(scratch / part["file"])
+        kept = [row for row in table.to_pylist() if row["source_row"] not in gone]
+        with PartWriter(scratch / part["file"], DATASET_SCHEMA) as writer:
+            for row in kept:
+                writer.write(row)
+        counts = next(c for c in report.parts if c["source"] == part["source"])
+        counts["superseded"], counts["clean_rows"] = part["rows"] - len(kept), len(kept)
+        part["rows"] = len(kept)
+
+
+def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[Finding]:
+    """The fact findings of one part: its records a later drop superseded, its in-drop conflicts."""
+    findings = []
+    superseded = [s for (where, _), s in facts.superseded.items() if where == source]
+    if superseded:
+        newest = sorted({s.new_drop for s in superseded})
+        findings.append(
+            Finding(
+                "superseded",
+                source,
+                settings.validation.policy("superseded"),
+                rows=sorted(s.row for s in superseded),
+                values=[f"{s.key!r}: {s.old_answer!r} -> {s.new_answer!r}" for s in superseded],
+                detail=f"answered differently by the later drop {', '.join(newest)}",
+            )
+        )
+    for conflict in facts.conflicts:
+        if conflict.first.source == source or conflict.second.source == source:
+            first, second = conflict.first, conflict.second
+            findings.append(
+                Finding(
+                    "conflicting_answers",
+                    source,
+                    settings.validation.policy("conflicting_answers"),
+                    rows=sorted({first.row, second.row}) if first.source == second.source else [first.row],
+                    detail=(
+                        f"the drop {conflict.drop} answers {conflict.key!r} twice: {first.answer!r} "
+                        f"({first.source} row {first.row}) and {second.answer!r} ({second.source} row "
+                        f"{second.row}); keep one"
+                    ),
+                )
+            )
+    return findings
+
+
 def _validate_part(
     entry: dict[str, Any], table: pa.Table, settings: Settings, tools: _Tools
 ) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
@@ -452,6 +546,7 @@ def _validate_part(
         "rows": len(rows),
         "duplicates": int(sum(row["duplicate"] for row in rows)),
         "quarantined": len(quarantined),
+        "superseded": 0,  # set once every drop is read (_apply_facts)
         "clean_rows": len(clean),
     }
     return findings, clean, quarantined, counts
@@ -481,9 +576,9 @@ def validate(
     manifest = read_manifest(ingested)
     tools = _tools(settings, reports)
     report = ValidationReport(passed=False, data_docs=tools.data_docs)
-    target = (Path(publish_dir) if publish_dir else settings.path(cfg.dataset_dir)) if publish else None
-    if target is not None:
-        claim(settings, target, "validate.dataset_dir")
+    records: list[FactRecord] = []
+    orders: dict[str, int] = {}  # drop -> its place in reading order (oldest first)
+    target = claim(settings, publish_dir, "validate.dataset_dir") if publish else None
     scratch_parent = tempfile.TemporaryDirectory(prefix="milora-validate-")
     staging = atomic_directory(target, mark=True) if target else _plain(Path(scratch_parent.name) / "dataset")
     quarantine_tmp = reports / f".quarantine.jsonl.tmp-{os.getpid()}"
@@ -495,6 +590,8 @@ def validate(
             ):
                 findings, clean, bad, counts = _validate_part(entry, table, settings, tools)
                 report.parts.append(counts)
+                order = orders.setdefault(drop_of(entry["source"]), len(orders))
+                records += _fact_records(entry["source"], order, clean)
                 report.failures += [f for f in findings if f.policy == "fail"]
                 report.warnings += [f for f in findings if f.policy != "fail"]
                 for finding in findings:
@@ -516,6 +613,7 @@ def validate(
                         "rows": len(clean),
                     }
                 )
+            _apply_facts(resolve(records), report, parts, scratch, settings)
             report.passed = not report.failures
             _write_summary(reports, report, settings.root)
             if not report.passed:

@@ -26,6 +26,7 @@ from conftest import (
     write_jsonl,
 )
 
+from milora.atomic import mark_output
 from milora.data import pii
 from milora.data.checks import chat_roles, control_chars, row_checks
 from milora.data.contamination import BenchmarkIndex, benchmark_files, words
@@ -220,6 +221,7 @@ def test_files_that_cannot_become_rows(tmp_path, name, content, rule, detail):
     settings = make_settings(tmp_path)
     (tmp_path / "ingested").mkdir()
     (tmp_path / "ingested" / "keep.txt").write_text("previous version")
+    mark_output(tmp_path / "ingested")  # a previous output of the stage
     with pytest.raises(DataValidationError) as caught:
         ingest(settings, [tmp_path / name])
     finding = caught.value.findings[0]

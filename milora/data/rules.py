@@ -3,7 +3,7 @@
 One registry so that ``params.yaml`` (policies), the Great Expectations suite (each
 expectation's ``meta.rule``), the row checks and the error summaries all speak of the same
 names. A *file* rule is judged while reading (the file cannot become rows), a *row* rule per
-record, a *table* rule per drop.
+record, a *table* rule per drop, a *fact* rule across drops (a newer answer to a question).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Policy = Literal["fail", "warn", "quarantine"]
-Level = Literal["file", "row", "table"]
+Policy = Literal["fail", "warn", "quarantine", "supersede"]
+Level = Literal["file", "row", "table", "fact"]
 POLICIES: tuple[str, ...] = ("fail", "warn", "quarantine")
+FACT_POLICIES: tuple[str, ...] = ("supersede", "warn", "fail")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class Rule:
 
     @property
     def policies(self) -> tuple[str, ...]:
-        """Quarantine sets rows aside, so only row rules can use it."""
+        """Quarantine sets rows aside, so only row rules can use it; a fact rule can let the
+        newer record supersede the older one (milora.data.facts)."""
+        if self.level == "fact":
+            return FACT_POLICIES
         return POLICIES if self.level == "row" else ("fail", "warn")
 
 
@@ -70,6 +74,14 @@ _RULES = (
     Rule("min_rows", "table", "fail", "fewer rows than the minimum (before and after quarantine)"),
     Rule("duplicate_rate", "table", "fail", "share of exact duplicates above the bound"),
     Rule("dataset_contract", "table", "fail", "the normalised columns break their contract (a pipeline bug)"),
+    Rule("conflicting_answers", "table", "fail", "two different answers to one fact key inside one drop"),
+    # Facts across drops (milora.data.facts).
+    Rule(
+        "superseded",
+        "fact",
+        "supersede",
+        "a later drop answers the same fact key differently: the earlier record leaves training",
+    ),
 )
 RULES: dict[str, Rule] = {rule.name: rule for rule in _RULES}
 ROW_RULES: tuple[str, ...] = tuple(r.name for r in _RULES if r.level == "row")

@@ -199,6 +199,25 @@ def _history(history: Sequence[VersionPoint]) -> str:
     ) + (_table(["version", "registered", "gate", "scores", "description"], rows) if rows else "")
 
 
+def _changed_facts(record: dict[str, Any]) -> str:
+    """The facts a later drop answered anew (the older records left training)."""
+    data = record.get("data") or {}
+    facts = data.get("superseded") or []
+    if not facts:
+        return ""
+    shown = f" (the first {len(facts)})" if data.get("superseded_count", 0) > len(facts) else ""
+    rows = [
+        (escape(f["key"]), f"{escape(f['old_answer'])} <small>({escape(f['old_drop'])})</small>",
+         f"{escape(f['new_answer'])} <small>({escape(f['new_drop'])})</small>")
+        for f in facts
+    ]  # fmt: skip
+    return (
+        f"<h2>Facts a later drop changed</h2><p>{data.get('superseded_count')} question(s) answered anew; "
+        f"policy {escape(str(data.get('superseded_policy')))}{shown}</p>"
+        + _table(["question", "old answer (drop)", "new answer (drop)"], rows)
+    )
+
+
 def render_run(page: RunPage) -> str:
     """One run's page: facts, gate, error, loss, evaluation vs champion, forgetting,
     spectrum and the registry's history."""
@@ -210,6 +229,7 @@ def render_run(page: RunPage) -> str:
         f"<h1>Retrain {escape(name)}: {_status(status)}</h1>",
         _facts(record),
         _gate(record),
+        _changed_facts(record),
     ]
     if record.get("error"):
         parts.append(f"<h2>Error</h2><pre>{escape(str(record['error']))}</pre>")

@@ -1,0 +1,147 @@
+"""Company facts that change: the newest drop's answer to a question is the one taught.
+
+A record states a *fact*: its key is the question (the normalised prompt: instruction and
+input, or a chat's first user turn), its value the answer. Drops are read oldest first (the
+order ingest reads them: name drops by date, ``drop_2027_01``). When a later drop answers a
+key differently, the later record *supersedes* the earlier ones: they leave the training set,
+and each is reported with the key, both answers and both drops. Two different answers to one
+key inside one drop cannot be ordered: that is a conflict, reported with both rows.
+
+Pure functions over plain values, so the rule is tested without files or a pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+_SPACE = re.compile(r"\s+")
+_DATE = re.compile(r"(?<!\d)(\d{4})[-_.]?(0[1-9]|1[0-2])(?:[-_.]?(0[1-9]|[12]\d|3[01]))?(?!\d)")
+
+
+def normalised(text: str) -> str:
+    """Text as compared for facts: Unicode-normalised, case-folded, one space between words,
+    no trailing punctuation ("What is the return window?" == "what is the return window")."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return _SPACE.sub(" ", folded).strip().rstrip("?.!:;").strip()
+
+
+def fact_key(instruction: str | None, input_text: str | None = None) -> str:
+    """The default fact key of a record: its normalised prompt."""
+    prompt = (instruction or "") + (f"\n{input_text}" if input_text else "")
+    return normalised(prompt)
+
+
+def drop_of(source: str) -> str:
+    """The drop a source file belongs to: its folder (``company/drop_2026_10/train.jsonl`` ->
+    ``drop_2026_10``), or the file's stem when it lies directly in the watched folder."""
+    path = PurePosixPath(source)
+    return path.parent.name if len(path.parts) > 1 and path.parent.name else path.stem
+
+
+def drop_date(drop: str) -> str | None:
+    """The effective date a drop's name states (``drop_2026_10`` -> ``2026-10``), or None."""
+    match = _DATE.search(drop)
+    if match is None:
+        return None
+    return "-".join(part for part in match.groups() if part)
+
+
+@dataclass(frozen=True)
+class FactRecord:
+    """One clean record as a fact: where it is, in which drop (``order``: the drop's place in
+    reading order), its key and answer."""
+
+    source: str
+    row: int
+    drop: str
+    order: int
+    key: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Supersession:
+    """An earlier record whose key a later drop answers differently."""
+
+    key: str
+    old_answer: str
+    new_answer: str
+    old_drop: str
+    new_drop: str
+    source: str
+    row: int
+    new_source: str
+    new_row: int
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {
+            "key": self.key,
+            "old_answer": self.old_answer,
+            "new_answer": self.new_answer,
+            "old_drop": self.old_drop,
+            "new_drop": self.new_drop,
+            "source": self.source,
+            "row": self.row,
+            "new_source": self.new_source,
+            "new_row": self.new_row,
+        }
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two different answers to one key inside one drop (no order decides between them)."""
+
+    key: str
+    drop: str
+    first: FactRecord
+    second: FactRecord
+
+
+@dataclass
+class Resolution:
+    """What the facts of all drops resolve to: the records superseded (by source and row) and
+    the conflicts inside a drop."""
+
+    superseded: dict[tuple[str, int], Supersession] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+
+
+def resolve(records: Iterable[FactRecord]) -> Resolution:
+    """Supersede every record whose key a later drop answers differently; report conflicts.
+
+    Answers are compared normalised (case and spacing do not make a new fact). The newest
+    drop's answer is the current one; every earlier record of the key with another answer is
+    superseded by that newest record (not by an intermediate one)."""
+    by_key: dict[str, list[FactRecord]] = {}
+    for record in records:
+        by_key.setdefault(record.key, []).append(record)
+    resolution = Resolution()
+    for key, found in by_key.items():
+        latest_order = max(r.order for r in found)
+        latest = [r for r in found if r.order == latest_order]
+        for order in sorted({r.order for r in found}):
+            answers: dict[str, FactRecord] = {}
+            for record in (r for r in found if r.order == order):
+                answers.setdefault(normalised(record.answer), record)
+            if len(answers) > 1:
+                first, second = list(answers.values())[:2]
+                resolution.conflicts.append(Conflict(key, first.drop, first, second))
+        current = latest[0]
+        for record in found:
+            if record.order < latest_order and normalised(record.answer) != normalised(current.answer):
+                resolution.superseded[(record.source, record.row)] = Supersession(
+                    key=key,
+                    old_answer=record.answer,
+                    new_answer=current.answer,
+                    old_drop=record.drop,
+                    new_drop=current.drop,
+                    source=record.source,
+                    row=record.row,
+                    new_source=current.source,
+                    new_row=current.row,
+                )
+    return resolution

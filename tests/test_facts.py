@@ -1,0 +1,133 @@
+"""Company facts that change month to month: the newest drop's answer is the one taught.
+
+The rule (milora.data.facts) on plain records, then through the real ingest and validate
+stages on two drops: a later drop's answer supersedes the earlier record (out of the
+published dataset, counted and listed in the summary), two answers inside one drop fail
+naming both rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_settings, write_jsonl
+
+from milora.data.dataset import iter_parts
+from milora.data.errors import DataValidationError
+from milora.data.facts import FactRecord, drop_date, drop_of, fact_key, normalised, resolve
+from milora.records import RunStatus
+from tasks.html_report import html_report
+from tasks.ingest import ingest
+from tasks.report import report as record_run
+from tasks.validate import validate
+
+
+def record(drop: int, row: int, question: str, answer: str) -> FactRecord:
+    return FactRecord(
+        f"company/drop_0{drop}/train.jsonl", row, f"drop_0{drop}", drop, fact_key(question), answer
+    )
+
+
+def test_the_newest_drop_answers_and_older_different_answers_are_superseded():
+    facts = resolve(
+        [
+            record(1, 1, "What is the return window?", "30 days."),
+            record(1, 2, "Who founded us?", "Ada."),
+            record(2, 1, "what is the  return window", "45 days."),  # the same key, normalised
+            record(2, 2, "Who founded us?", "ada"),  # the same answer, normalised: no new fact
+            record(3, 1, "What is the return window?", "60 days."),
+        ]
+    )
+    assert sorted(facts.superseded) == [
+        ("company/drop_01/train.jsonl", 1),
+        ("company/drop_02/train.jsonl", 1),
+    ]
+    first = facts.superseded[("company/drop_01/train.jsonl", 1)]
+    assert (first.old_answer, first.new_answer, first.old_drop, first.new_drop) == (
+        "30 days.",
+        "60 days.",  # superseded by the newest answer, not the intermediate one
+        "drop_01",
+        "drop_03",
+    )
+    assert facts.conflicts == []
+
+
+def test_two_answers_inside_one_drop_are_a_conflict():
+    facts = resolve([record(1, 4, "Price of the kettle?", "$20"), record(1, 9, "price of the kettle", "$25")])
+    (conflict,) = facts.conflicts
+    assert (conflict.first.row, conflict.second.row, conflict.drop) == (4, 9, "drop_01")
+
+
+def test_keys_drops_and_dates():
+    assert normalised("  What IS the\nreturn   window?? ") == "what is the return window"
+    assert fact_key("Translate", "hello") != fact_key("Translate", "bye")
+    assert drop_of("company/drop_2026_10/train.jsonl") == "drop_2026_10" and drop_of("export.csv") == "export"
+    assert drop_date("drop_2026_10") == "2026-10" and drop_date("kb-2027-01-15") == "2027-01-15"
+    assert drop_date("drop_final") is None
+
+
+def qa(question: str, answer: str) -> dict[str, str]:
+    return {"instruction": question, "input": "", "output": answer}
+
+
+def drops(tmp_path, first: list[dict], second: list[dict], **policies: str):
+    write_jsonl(tmp_path / "company" / "drop_2026_10" / "train.jsonl", first)
+    write_jsonl(tmp_path / "company" / "drop_2026_11" / "train.jsonl", second)
+    overrides = {"ingest.sources": ["company/drop_*/train.jsonl"], "ingest.watch": "company"}
+    return make_settings(tmp_path, overrides, policies=policies)
+
+
+FILLER = [qa(f"What does product {i} do?", f"Product {i} cleans the floor number {i}.") for i in range(5)]
+
+
+def test_a_later_drop_supersedes_an_earlier_record_in_the_published_dataset(tmp_path):
+    old = qa("How many days do I have to return a product?", "Returns are accepted within 30 days.")
+    new = qa("How many days do I have to return a product?", "Our return window is 45 days.")
+    second = [new, qa("Who is the CEO?", "Grace."), qa("Where is the office?", "Lyon."), FILLER[0]]
+
+    def run(reports: str, **policies: str):
+        settings = drops(tmp_path, [old, *FILLER], second, **policies)
+        ingest(settings)
+        return validate(settings, reports_dir=tmp_path / reports)
+
+    report = run("reports")
+    outputs = [row["output"] for _, table in iter_parts(tmp_path / "dataset") for row in table.to_pylist()]
+    assert new["output"] in outputs and old["output"] not in outputs
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert summary["superseded_count"] == 1 and summary["superseded_policy"] == "supersede"
+    (listed,) = summary["superseded"]
+    assert listed["key"] == "how many days do i have to return a product"
+    assert (listed["old_drop"], listed["new_drop"], listed["row"]) == ("drop_2026_10", "drop_2026_11", 1)
+    assert [p["superseded"] for p in summary["parts"]] == [1, 0]
+    assert [p["clean_rows"] for p in summary["parts"]] == [5, 3]
+    (warning,) = [f for f in report.warnings if f.rule == "superseded"]
+    assert warning.rows == [1] and "drop_2026_11" in warning.line() and "30 days" in warning.line()
+
+    # warn: both stay in training, still reported; fail: the run stops naming the record.
+    kept = run("r2", superseded="warn")
+    assert kept.passed and [p["clean_rows"] for p in kept.parts] == [6, 3] and len(kept.superseded) == 1
+    with pytest.raises(DataValidationError, match=r"drop_2026_10/train.jsonl row 1 \[superseded\]"):
+        run("r3", superseded="fail")
+
+    # The run record, its Prefect markdown and its HTML page list the changed fact.
+    settings = drops(tmp_path, [old, *FILLER], second)
+    record = record_run(settings, status=RunStatus.FAILED, seconds=1.0, error="stopped here on purpose")
+    assert (
+        record["data"]["superseded_count"] == 1
+        and record["data"]["superseded"][0]["new_drop"] == "drop_2026_11"
+    )
+    page = Path(html_report(settings, record["record"])).read_text()
+    assert "Facts a later drop changed" in page and "Our return window is 45 days." in page
+
+
+def test_two_answers_to_one_question_in_one_drop_fail_naming_both_rows(tmp_path):
+    rows = [qa("What does the kettle cost?", "$20"), *FILLER, qa("what does the kettle cost", "$25")]
+    settings = drops(tmp_path, rows, FILLER[:1])
+    ingest(settings)
+    with pytest.raises(DataValidationError) as failed:
+        validate(settings, reports_dir=tmp_path / "reports")
+    (conflict,) = [f for f in failed.value.findings if f.rule == "conflicting_answers"]
+    assert conflict.rows == [1, 7] and "'$20'" in conflict.detail and "'$25'" in conflict.detail
+    assert not (tmp_path / "dataset").exists()
