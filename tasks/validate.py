@@ -416,7 +416,12 @@ def _fact_records(source: str, order: int, clean: list[dict[str, Any]]) -> list[
     drop = drop_of(source)
     return [
         FactRecord(
-            source, row["source_row"], drop, order, fact_key(row["instruction"], row["input"]), row["output"]
+            source,
+            row["source_row"],
+            drop,
+            order,
+            fact_key(row["instruction"], row["input"], row.get("key")),
+            row["output"],
         )
         for row in clean
         if row["output"]

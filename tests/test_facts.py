@@ -131,3 +131,46 @@ def test_two_answers_to_one_question_in_one_drop_fail_naming_both_rows(tmp_path)
     (conflict,) = [f for f in failed.value.findings if f.rule == "conflicting_answers"]
     assert conflict.rows == [1, 7] and "'$20'" in conflict.detail and "'$25'" in conflict.detail
     assert not (tmp_path / "dataset").exists()
+
+
+def test_an_export_key_column_names_the_fact(tmp_path):
+    """A CSV export with an article id, mapped to `key` by ingest.column_map: a reworded
+    question with the same id is the same fact; numeric ids are text."""
+
+    def export(rows: list[tuple[int, str, str]]) -> str:
+        lines = ["article_id,question,answer", *(f'{i},"{q}","{a}"' for i, q, a in rows)]
+        return "\n".join(lines) + "\n"
+
+    filler = [(100 + i, f"What does product {i} do?", f"Product {i} cleans floor {i}.") for i in range(4)]
+    (tmp_path / "company" / "drop_2026_10").mkdir(parents=True)
+    (tmp_path / "company" / "drop_2026_11").mkdir(parents=True)
+    (tmp_path / "company" / "drop_2026_10" / "kb.csv").write_text(
+        export([(7, "What is the return window?", "30 days."), *filler])
+    )
+    (tmp_path / "company" / "drop_2026_11" / "kb.csv").write_text(
+        export(
+            [
+                (7, "How long may I return an item?", "45 days."),
+                (8, "Who is the CEO?", "Grace."),
+                (9, "Where is the office?", "Lyon."),
+                (10, "When do you open?", "At nine."),
+            ]
+        )
+    )
+    column_map = {"article_id": "key", "question": "instruction", "answer": "output"}
+    overrides = {
+        "ingest.sources": ["company/drop_*/kb.csv"],
+        "ingest.watch": "company",
+        "ingest.column_map": column_map,
+    }
+    settings = make_settings(tmp_path, overrides)
+    ingest(settings)
+    report = validate(settings, reports_dir=tmp_path / "reports")
+    (superseded,) = report.superseded
+    assert (
+        superseded["key"] == "key:7"
+        and superseded["old_answer"] == "30 days."
+        and superseded["new_answer"] == "45 days."
+    )
+    keys = {row["key"] for _, table in iter_parts(tmp_path / "dataset") for row in table.to_pylist()}
+    assert "7" in keys and "100" in keys

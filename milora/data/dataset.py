@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a "key" column (the fact a record states, when the export names it)
 ROW_GROUP = 16384
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -39,6 +39,7 @@ CONTENT_FIELDS = [
     pa.field("input", pa.string()),
     pa.field("output", pa.string()),
     pa.field("messages", MESSAGE_TYPE),
+    pa.field("key", pa.string()),
 ]
 # What ingest writes: every row read, duplicates flagged, structural problems noted.
 INGESTED_SCHEMA = pa.schema(

@@ -29,8 +29,11 @@ def normalised(text: str) -> str:
     return _SPACE.sub(" ", folded).strip().rstrip("?.!:;").strip()
 
 
-def fact_key(instruction: str | None, input_text: str | None = None) -> str:
-    """The default fact key of a record: its normalised prompt."""
+def fact_key(instruction: str | None, input_text: str | None = None, key: str | None = None) -> str:
+    """The fact key of a record: the export's own ``key`` (an article, policy or SKU id,
+    compared exactly but for surrounding spaces) when it has one, else its normalised prompt."""
+    if key and key.strip():
+        return f"key:{key.strip()}"
     prompt = (instruction or "") + (f"\n{input_text}" if input_text else "")
     return normalised(prompt)
 

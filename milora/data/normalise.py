@@ -32,6 +32,7 @@ CANONICAL_FIELDS: tuple[str, ...] = (
     "prompt",
     "completion",
     "messages",
+    "key",  # optional: the fact the record states (an article, policy or SKU id; milora.data.facts)
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # Which raw fields a format needs; the others are optional (Alpaca ``input``, ``system``).
@@ -176,6 +177,10 @@ def normalise(raw: RawRow, mapping: FieldMapping | None = None) -> dict[str, Any
         )
         return _row(_content_id(raw), fmt, None, None, None, None, [], **problems.columns())
     system = problems.text("system", record.get("system"), required=False) or ""
+    raw_key = record.get("key")
+    if isinstance(raw_key, int) and not isinstance(raw_key, bool):  # a numeric id (SKU 12345)
+        raw_key = str(raw_key)
+    key = problems.text("key", raw_key, required=False) or None
     if fmt == "chat":
         messages = _messages(record.get("messages"), mapping, problems)
         if system and not (messages and messages[0]["role"] == "system"):
@@ -196,7 +201,7 @@ def normalise(raw: RawRow, mapping: FieldMapping | None = None) -> dict[str, Any
         input_text = input_text or ""
         messages = alpaca_messages(instruction or "", input_text, output or "", system)
     rid = record_id(system, instruction or "", input_text, output or "", messages)
-    return _row(rid, fmt, system, instruction, input_text, output, messages, **problems.columns())
+    return _row(rid, fmt, system, instruction, input_text, output, messages, key=key, **problems.columns())
 
 
 def _content_id(raw: RawRow) -> str:
@@ -241,6 +246,7 @@ def _row(
     input_text: str | None,
     output: str | None,
     messages: list[dict[str, str]],
+    key: str | None = None,
     check_malformed_row: str | None = None,
     check_required_fields: str | None = None,
     check_wrong_type: str | None = None,
@@ -254,6 +260,7 @@ def _row(
         "input": input_text,
         "output": output,
         "messages": messages,
+        "key": key,
         "check_malformed_row": check_malformed_row,
         "check_required_fields": check_required_fields,
         "check_wrong_type": check_wrong_type,
