@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
 
 from milora.atomic import atomic_directory
@@ -34,10 +35,12 @@ from milora.data.dataset import (
     write_manifest,
 )
 from milora.data.errors import DataValidationError, Finding
+from milora.data.facts import DROP_MANIFEST, drop_date, drop_of, parse_drop_manifest
 from milora.data.normalise import FieldMapping, normalise, split_of
 from milora.data.readers import FileProblem, iter_rows, resolve_sources, unmatched_files
 from milora.digests import file_sha256
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
+from milora.yamlfile import safe_load_bounded
 from tasks import claim, run_command
 
 logger = logging.getLogger(__name__)
@@ -134,6 +137,25 @@ def unwatched_sources(settings: Settings, files: list[Path] | None = None) -> li
     ]
 
 
+def drop_manifest(path: Path, settings: Settings, cache: dict[Path, dict[str, Any]]) -> dict[str, Any]:
+    """The drop a source file belongs to, with its ``drop.yaml`` (milora.data.facts) when its
+    folder holds one: name, kind, keys it retires, effective date. Raises FileProblem naming
+    the manifest when it is not a valid one."""
+    folder = path.resolve().parent
+    if folder not in cache:
+        manifest = folder / DROP_MANIFEST
+        name = drop_of(display_path(path, settings.root))
+        try:
+            data = safe_load_bounded(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+            fields = parse_drop_manifest(data)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise FileProblem(
+                "unreadable_file", f"{display_path(manifest, settings.root)}: {error}"
+            ) from None
+        cache[folder] = {"name": name, **fields, "date": fields["date"] or drop_date(name)}
+    return cache[folder]
+
+
 def _unmatched(settings: Settings, files: list[Path], report: IngestReport) -> list[Finding]:
     """Files of the watched folder this run would not read: a drop that matches no source
     pattern must not slip by. Returns them as findings under a ``fail`` policy; under
@@ -144,6 +166,7 @@ def _unmatched(settings: Settings, files: list[Path], report: IngestReport) -> l
     evaluation = [path for suite in settings.evaluation.suites.values() for path in suite.paths]
     contamination = settings.validation.contamination
     accounted = [*settings.ingest.ignore, *evaluation, *contamination.benchmarks, *contamination.optional]
+    accounted += [str(watch / DROP_MANIFEST), str(watch / "**" / DROP_MANIFEST)]  # read with their drop
     found = unmatched_files(watch, files, accounted, settings.root)
     if not found:
         return []
@@ -199,6 +222,7 @@ def ingest(
     failures: list[Finding] = [] if sources else _unmatched(settings, files, report)
     seen: set[str] = set()
     taken: set[str] = set()
+    drops: dict[Path, dict[str, Any]] = {}
     with atomic_directory(out, mark=True) as scratch:
         for path in tqdm(files, desc="ingest", unit="file", disable=None):
             source = display_path(path, settings.root)
@@ -206,6 +230,7 @@ def ingest(
             part = scratch / PARTS_DIR / f"{name}.parquet"
             writer = PartWriter(part, INGESTED_SCHEMA)
             try:
+                drop = drop_manifest(path, settings, drops)
                 with writer:
                     counts = _read_file(path, source, writer, settings, mapping, seen)
             except FileProblem as problem:
@@ -224,6 +249,7 @@ def ingest(
                 "file": f"{PARTS_DIR}/{name}.parquet",
                 "source": source,
                 "sha256": file_sha256(path),
+                "drop": drop,
                 **counts,
             }
             report.parts.append(entry)

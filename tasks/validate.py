@@ -51,7 +51,7 @@ from milora.data.dataset import (
     write_manifest,
 )
 from milora.data.errors import DataValidationError, Finding
-from milora.data.facts import FactRecord, Resolution, drop_of, fact_key, resolve
+from milora.data.facts import DROP_MANIFEST, Drop, FactRecord, Resolution, drop_of, fact_key, resolve
 from milora.data.normalise import FORMATS
 from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
@@ -254,6 +254,7 @@ class ValidationReport:
     quarantined: int = 0
     superseded: list[dict[str, Any]] = field(default_factory=list)  # facts a later drop answered anew
     superseded_policy: str = "supersede"  # supersede: out of training; warn: kept, reported
+    retired: list[dict[str, Any]] = field(default_factory=list)  # facts a later drop retired
     published: Path | None = None
     data_docs: Path | None = None
     summary_path: Path | None = None
@@ -271,6 +272,8 @@ class ValidationReport:
             "quarantined": self.quarantined,
             "superseded_count": len(self.superseded),
             "superseded_policy": self.superseded_policy,
+            "retired_count": len(self.retired),
+            "retired": self.retired[:SUPERSEDED_SHOWN],
             "superseded": self.superseded[:SUPERSEDED_SHOWN],
             "parts": self.parts,
             "failures": [f.to_dict() for f in self.failures],
@@ -411,9 +414,18 @@ def _gx_frame(rows: list[dict[str, Any]], derived: dict[str, list[Any]]) -> pd.D
 SUPERSEDED_SHOWN = 200  # superseded facts listed in summary.json (all are counted)
 
 
-def _fact_records(source: str, order: int, clean: list[dict[str, Any]]) -> list[FactRecord]:
+def _drop_info(entry: dict[str, Any]) -> dict[str, Any]:
+    """The part's drop as ingest recorded it (name, kind, retire, date)."""
+    return entry.get("drop") or {
+        "name": drop_of(entry["source"]),
+        "kind": "delta",
+        "retire": [],
+        "date": None,
+    }
+
+
+def _fact_records(source: str, drop: str, order: int, clean: list[dict[str, Any]]) -> list[FactRecord]:
     """The clean rows of one part as facts (quarantined rows and duplicates take no part)."""
-    drop = drop_of(source)
     return [
         FactRecord(
             source,
@@ -440,6 +452,19 @@ def _apply_facts(
     policy = settings.validation.policy("superseded")
     report.superseded = [s.to_dict() for s in facts.superseded.values()]
     report.superseded_policy = policy
+    report.retired = [r.to_dict() for r in facts.retired.values()]
+    unknown = [
+        Finding(
+            "unknown_retired_key",
+            f"{drop}/{DROP_MANIFEST}",
+            settings.validation.policy("unknown_retired_key"),
+            values=[entry for name, entry in facts.unknown_retired if name == drop],
+            detail="retires keys no earlier drop states (an id, or a question as asked)",
+        )
+        for drop in dict.fromkeys(name for name, _ in facts.unknown_retired)
+    ]
+    report.failures += [f for f in unknown if f.policy == "fail"]
+    report.warnings += [f for f in unknown if f.policy != "fail"]
     for counts in report.parts:
         findings = _fact_findings(counts["source"], facts, settings)
         report.failures += [f for f in findings if f.policy == "fail"]
@@ -448,11 +473,17 @@ def _apply_facts(
             (logger.error if finding.policy == "fail" else logger.warning)(
                 "%s (policy %s)", finding.line(), finding.policy
             )
-        counts["superseded"] = 0
-    if policy != "supersede" or report.failures or not facts.superseded:
+        counts["superseded"] = counts["retired"] = 0
+    if report.failures:
         return
+    leaving = {
+        where: reason
+        for reason, found in (("superseded", facts.superseded), ("retired", facts.retired))
+        if settings.validation.policy(reason) == "supersede"
+        for where in found
+    }
     for part in parts:
-        gone = {row for source, row in facts.superseded if source == part["source"]}
+        gone = {row: reason for (source, row), reason in leaving.items() if source == part["source"]}
         if not gone:
             continue
         table = pq.read_table(scratch / part["file"])
@@ -461,8 +492,9 @@ def _apply_facts(
             for row in kept:
                 writer.write(row)
         counts = next(c for c in report.parts if c["source"] == part["source"])
-        counts["superseded"], counts["clean_rows"] = part["rows"] - len(kept), len(kept)
-        part["rows"] = len(kept)
+        for reason in ("superseded", "retired"):
+            counts[reason] = sum(1 for why in gone.values() if why == reason)
+        counts["clean_rows"] = part["rows"] = len(kept)
 
 
 def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[Finding]:
@@ -479,6 +511,18 @@ def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[F
                 rows=sorted(s.row for s in superseded),
                 values=[f"{s.key!r}: {s.old_answer!r} -> {s.new_answer!r}" for s in superseded],
                 detail=f"answered differently by the later drop {', '.join(newest)}",
+            )
+        )
+    retired = [r for (where, _), r in facts.retired.items() if where == source]
+    if retired:
+        findings.append(
+            Finding(
+                "retired",
+                source,
+                settings.validation.policy("retired"),
+                rows=sorted(r.row for r in retired),
+                values=[f"{r.key!r} ({r.how} {r.retired_by})" for r in retired],
+                detail="no longer true",
             )
         )
     for conflict in facts.conflicts:
@@ -501,16 +545,21 @@ def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[F
 
 
 def _validate_part(
-    entry: dict[str, Any], table: pa.Table, settings: Settings, tools: _Tools
+    entry: dict[str, Any], table: pa.Table, settings: Settings, tools: _Tools, carried: set[str] = frozenset()
 ) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts)."""
+    """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts).
+    ``carried``: record ids of earlier drops, which a snapshot drop repeats without them being
+    duplicates (not published twice, not counted in the duplicate rate, counted in min_rows)."""
     from great_expectations.core.run_identifier import RunIdentifier
 
     cfg = settings.validation
     source = entry["source"]
     rows = table.to_pylist()
     derived = derive_columns(rows, tools)
-    frame = _gx_frame(rows, derived)
+    n_carried = sum(1 for row in rows if row["duplicate"] and row["record_id"] in carried)
+    frame = _gx_frame(
+        [{**row, "duplicate": row["duplicate"] and row["record_id"] not in carried} for row in rows], derived
+    )
     result = tools.checkpoint.run(
         batch_parameters={"dataframe": frame},
         expectation_parameters={
@@ -543,15 +592,17 @@ def _validate_part(
             )
         elif not row["duplicate"]:
             clean.append({**_content(row), "n_tokens": derived["n_tokens"][index]})
-    if len(clean) < cfg.min_rows and not any(f.rule == "min_rows" for f in findings):
-        detail = f"only {len(clean)} clean new rows remain after quarantine and de-duplication (minimum {cfg.min_rows})"
+    if len(clean) + n_carried < cfg.min_rows and not any(f.rule == "min_rows" for f in findings):
+        detail = f"only {len(clean) + n_carried} clean new rows remain after quarantine and de-duplication (minimum {cfg.min_rows})"
         findings.append(Finding("min_rows", source, cfg.policy("min_rows"), detail=detail))
     counts = {
         "source": source,
         "rows": len(rows),
         "duplicates": int(sum(row["duplicate"] for row in rows)),
         "quarantined": len(quarantined),
+        "carried": n_carried,  # a snapshot's rows unchanged since an earlier drop
         "superseded": 0,  # set once every drop is read (_apply_facts)
+        "retired": 0,
         "clean_rows": len(clean),
     }
     return findings, clean, quarantined, counts
@@ -582,7 +633,7 @@ def validate(
     tools = _tools(settings, reports)
     report = ValidationReport(passed=False, data_docs=tools.data_docs)
     records: list[FactRecord] = []
-    orders: dict[str, int] = {}  # drop -> its place in reading order (oldest first)
+    drops: dict[str, dict[str, Any]] = {}  # name -> info, order (reading order, oldest first), keys, ids
     target = claim(settings, publish_dir, "validate.dataset_dir") if publish else None
     scratch_parent = tempfile.TemporaryDirectory(prefix="milora-validate-")
     staging = atomic_directory(target, mark=True) if target else _plain(Path(scratch_parent.name) / "dataset")
@@ -593,10 +644,22 @@ def validate(
             for entry, table in tqdm(
                 iter_parts(ingested), total=len(manifest["parts"]), desc="validate", unit="part", disable=None
             ):
-                findings, clean, bad, counts = _validate_part(entry, table, settings, tools)
+                info = _drop_info(entry)
+                drop = drops.setdefault(
+                    info["name"], {**info, "order": len(drops), "keys": set(), "ids": set()}
+                )
+                earlier = set().union(*(d["ids"] for d in drops.values() if d["order"] < drop["order"]))
+                carried = earlier if info["kind"] == "snapshot" else set()
+                findings, clean, bad, counts = _validate_part(entry, table, settings, tools, carried)
                 report.parts.append(counts)
-                order = orders.setdefault(drop_of(entry["source"]), len(orders))
-                records += _fact_records(entry["source"], order, clean)
+                records += _fact_records(entry["source"], info["name"], drop["order"], clean)
+                whole = [
+                    r
+                    for r in table.to_pylist()
+                    if r["output"] and not any(r[c] for c in r if c.startswith("check_"))
+                ]
+                drop["keys"] |= {fact_key(r["instruction"], r["input"], r.get("key")) for r in whole}
+                drop["ids"] |= {r["record_id"] for r in whole}
                 report.failures += [f for f in findings if f.policy == "fail"]
                 report.warnings += [f for f in findings if f.policy != "fail"]
                 for finding in findings:
@@ -618,7 +681,11 @@ def validate(
                         "rows": len(clean),
                     }
                 )
-            _apply_facts(resolve(records), report, parts, scratch, settings)
+            described = [
+                Drop(name, d["order"], d["kind"], tuple(d["retire"]), frozenset(d["keys"]))
+                for name, d in drops.items()
+            ]
+            _apply_facts(resolve(records, described), report, parts, scratch, settings)
             report.passed = not report.failures
             _write_summary(reports, report, settings.root)
             if not report.passed:

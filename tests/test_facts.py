@@ -174,3 +174,64 @@ def test_an_export_key_column_names_the_fact(tmp_path):
     )
     keys = {row["key"] for _, table in iter_parts(tmp_path / "dataset") for row in table.to_pylist()}
     assert "7" in keys and "100" in keys
+
+
+KETTLE = qa("What does the kettle cost?", "The kettle costs $20.")
+RETURNS_30 = qa("How many days do I have to return a product?", "Returns are accepted within 30 days.")
+RETURNS_45 = qa("How many days do I have to return a product?", "Our return window is 45 days.")
+
+
+def published_outputs(tmp_path) -> list[str]:
+    return [row["output"] for _, table in iter_parts(tmp_path / "dataset") for row in table.to_pylist()]
+
+
+def test_a_snapshot_drop_carries_unchanged_rows_and_retires_what_it_lacks(tmp_path):
+    """A whole-knowledge-base export a month later (5 rows unchanged, 1 changed, 1 new, the
+    kettle gone): unchanged rows are carried, not duplicates (the rate would be 0.71 > 0.5);
+    the changed answer supersedes, the missing key is retired."""
+    settings = drops(
+        tmp_path, [*FILLER, RETURNS_30, KETTLE], [*FILLER, RETURNS_45, qa("Who is the CEO?", "Grace.")]
+    )
+    (tmp_path / "company" / "drop_2026_11" / "drop.yaml").write_text("kind: snapshot\n")
+    ingest(settings)
+    report = validate(settings, reports_dir=tmp_path / "reports")
+    outputs = published_outputs(tmp_path)
+    assert RETURNS_45["output"] in outputs and RETURNS_30["output"] not in outputs
+    assert KETTLE["output"] not in outputs and outputs.count(FILLER[0]["output"]) == 1
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert summary["retired_count"] == 1 and summary["retired"][0]["how"] == "absent from the snapshot"
+    assert summary["retired"][0]["key"] == "what does the kettle cost"
+    assert [(p["carried"], p["superseded"], p["retired"], p["clean_rows"]) for p in summary["parts"]] == [
+        (0, 1, 1, 5),
+        (5, 0, 0, 2),
+    ]
+    assert report.passed
+
+
+def test_a_drop_retires_keys_it_lists_and_names_unknown_ones(tmp_path):
+    settings = drops(
+        tmp_path, [*FILLER, KETTLE], [qa(f"New question {i}?", f"Answer {i}.") for i in range(3)]
+    )
+    (tmp_path / "company" / "drop_2026_11" / "drop.yaml").write_text(
+        "retire:\n  - What does the kettle cost?\n  - SKU-404\n"
+    )
+    ingest(settings)
+    report = validate(settings, reports_dir=tmp_path / "reports")
+    assert KETTLE["output"] not in published_outputs(tmp_path)
+    (retired,) = report.retired
+    assert (retired["how"], retired["retired_by"], retired["row"]) == (
+        "listed in drop.yaml",
+        "drop_2026_11",
+        6,
+    )
+    (unknown,) = [f for f in report.warnings if f.rule == "unknown_retired_key"]
+    assert unknown.values == ["SKU-404"] and unknown.source == "drop_2026_11/drop.yaml"
+
+
+def test_a_bad_drop_manifest_stops_ingest_naming_it(tmp_path):
+    settings = drops(tmp_path, FILLER, FILLER[:3])
+    (tmp_path / "company" / "drop_2026_11" / "drop.yaml").write_text("kind: full\n")
+    with pytest.raises(
+        DataValidationError, match=r"drop_2026_11/drop\.yaml: kind: 'full' is not one of delta, snapshot"
+    ):
+        ingest(settings)

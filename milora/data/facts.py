@@ -7,6 +7,13 @@ key differently, the later record *supersedes* the earlier ones: they leave the 
 and each is reported with the key, both answers and both drops. Two different answers to one
 key inside one drop cannot be ordered: that is a conflict, reported with both rows.
 
+A drop may say more in a small ``drop.yaml`` beside its files: ``kind: snapshot`` (the whole
+knowledge base as of this drop: rows unchanged since an earlier drop are carried, not
+duplicates, and a key an earlier drop had that the snapshot lacks is *retired*), or the
+default ``kind: delta`` (only what is new or changed); ``retire:`` a list of keys (an export's
+id, or the question as asked) that stop being true; ``date:`` the effective date when the
+folder's name does not say it. A retired key's earlier records leave training.
+
 Pure functions over plain values, so the rule is tested without files or a pipeline.
 """
 
@@ -51,6 +58,47 @@ def drop_date(drop: str) -> str | None:
     if match is None:
         return None
     return "-".join(part for part in match.groups() if part)
+
+
+DROP_MANIFEST = "drop.yaml"
+DROP_KINDS = ("delta", "snapshot")
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A drop as its ``drop.yaml`` describes it (defaults: a delta, nothing retired).
+    ``present``: for a snapshot, every key its rows state (carried ones included)."""
+
+    name: str
+    order: int
+    kind: str = "delta"
+    retire: tuple[str, ...] = ()
+    present: frozenset[str] = frozenset()
+
+
+def parse_drop_manifest(data: object) -> dict[str, object]:
+    """A ``drop.yaml`` mapping checked: ``kind`` (delta | snapshot), ``retire`` (a list of
+    keys), ``date`` (text). Raises ValueError naming the field."""
+    if data is None:
+        return {"kind": "delta", "retire": [], "date": None}
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping (kind, retire, date), got {type(data).__name__}")
+    unknown = sorted(set(data) - {"kind", "retire", "date"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}: a drop.yaml holds kind, retire and date")
+    kind = data.get("kind", "delta")
+    if kind not in DROP_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(DROP_KINDS)}")
+    retire = data.get("retire") or []
+    if not isinstance(retire, list) or not all(isinstance(k, str | int) and str(k).strip() for k in retire):
+        raise ValueError("retire: expected a list of keys (ids or questions as asked)")
+    date = data.get("date")
+    return {"kind": kind, "retire": [str(k) for k in retire], "date": None if date is None else str(date)}
+
+
+def retired_forms(entry: str) -> tuple[str, str]:
+    """The fact keys a ``retire`` entry can mean: an export's id, or a question as asked."""
+    return f"key:{entry.strip()}", normalised(entry)
 
 
 @dataclass(frozen=True)
@@ -104,21 +152,51 @@ class Conflict:
     second: FactRecord
 
 
+@dataclass(frozen=True)
+class Retirement:
+    """An earlier record whose key a later drop retired (listed, or left out of a snapshot)."""
+
+    key: str
+    answer: str
+    drop: str
+    retired_by: str
+    how: str  # "listed in drop.yaml" | "absent from the snapshot"
+    source: str
+    row: int
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {
+            "key": self.key,
+            "answer": self.answer,
+            "drop": self.drop,
+            "retired_by": self.retired_by,
+            "how": self.how,
+            "source": self.source,
+            "row": self.row,
+        }
+
+
 @dataclass
 class Resolution:
-    """What the facts of all drops resolve to: the records superseded (by source and row) and
-    the conflicts inside a drop."""
+    """What the facts of all drops resolve to: the records superseded and retired (by source
+    and row), the conflicts inside a drop, and ``retire`` entries that match no earlier key
+    (``(drop, entry)``)."""
 
     superseded: dict[tuple[str, int], Supersession] = field(default_factory=dict)
+    retired: dict[tuple[str, int], Retirement] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
+    unknown_retired: list[tuple[str, str]] = field(default_factory=list)
 
 
-def resolve(records: Iterable[FactRecord]) -> Resolution:
+def resolve(records: Iterable[FactRecord], drops: Iterable[Drop] = ()) -> Resolution:
     """Supersede every record whose key a later drop answers differently; report conflicts.
 
     Answers are compared normalised (case and spacing do not make a new fact). The newest
     drop's answer is the current one; every earlier record of the key with another answer is
-    superseded by that newest record (not by an intermediate one)."""
+    superseded by that newest record (not by an intermediate one). Then retirement: a record
+    is retired when a later drop retires its key and no record of the key comes in that drop
+    or after it (a key retired and stated again later is current again)."""
+    records = list(records)
     by_key: dict[str, list[FactRecord]] = {}
     for record in records:
         by_key.setdefault(record.key, []).append(record)
@@ -147,4 +225,29 @@ def resolve(records: Iterable[FactRecord]) -> Resolution:
                     new_source=current.source,
                     new_row=current.row,
                 )
+    _retire(by_key, sorted(drops, key=lambda d: d.order), resolution)
     return resolution
+
+
+def _retire(by_key: dict[str, list[FactRecord]], drops: list[Drop], resolution: Resolution) -> None:
+    for drop in drops:
+        earlier = {key for key, found in by_key.items() if any(r.order < drop.order for r in found)}
+        retiring: dict[str, str] = {}
+        for entry in drop.retire:
+            matched = [form for form in retired_forms(entry) if form in earlier]
+            if not matched:
+                resolution.unknown_retired.append((drop.name, entry))
+            retiring.update(dict.fromkeys(matched, "listed in drop.yaml"))
+        if drop.kind == "snapshot":
+            retiring.update(
+                dict.fromkeys(sorted(earlier - drop.present - set(retiring)), "absent from the snapshot")
+            )
+        for key, how in retiring.items():
+            if any(r.order >= drop.order for r in by_key[key]):
+                continue  # stated again in this drop or later: current
+            for record in by_key[key]:
+                where = (record.source, record.row)
+                if where not in resolution.superseded and where not in resolution.retired:
+                    resolution.retired[where] = Retirement(
+                        key, record.answer, record.drop, drop.name, how, record.source, record.row
+                    )

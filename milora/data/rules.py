@@ -82,6 +82,13 @@ _RULES = (
         "supersede",
         "a later drop answers the same fact key differently: the earlier record leaves training",
     ),
+    Rule(
+        "retired",
+        "fact",
+        "supersede",
+        "a later drop retires the fact key (drop.yaml retire, or absent from a snapshot): its records leave training",
+    ),
+    Rule("unknown_retired_key", "table", "warn", "a drop.yaml retires a key no earlier drop states"),
 )
 RULES: dict[str, Rule] = {rule.name: rule for rule in _RULES}
 ROW_RULES: tuple[str, ...] = tuple(r.name for r in _RULES if r.level == "row")
