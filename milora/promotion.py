@@ -127,15 +127,25 @@ def gate(
     champion, the first model passes), with every condition and its numbers. ``rescored``:
     the champion version the challenger's ``vs_champion_*`` metrics were measured against
     when that is the champion now (else they are ignored)."""
-    if champion is None:
-        return GateResult(True, [FIRST_MODEL])
-    new, old = by_suite(challenger), by_suite(champion)
-    passed, reasons = True, []
+    new = by_suite(challenger)
+    passed, reasons = True, [] if champion is not None else [FIRST_MODEL]
 
     def check(ok: bool, text: str) -> None:
         nonlocal passed
         passed &= ok
         reasons.append(f"{text}: {'ok' if ok else 'FAILED'}")
+
+    stale = new.get(rules.primary_suite, {}).get("stale_rate")
+    if stale is not None:  # the current truth: a model that still gives old values is not promoted
+        changed = new[rules.primary_suite].get("changed_facts")
+        of = f" (of {int(changed)} changed facts)" if changed else ""
+        check(
+            stale <= rules.max_stale,
+            f"{rules.primary_suite} stale rate {stale:.4f}{of} <= max {rules.max_stale:.4f}",
+        )
+    if champion is None:
+        return GateResult(passed, reasons)
+    old = by_suite(champion)
 
     def paired(suite: str) -> PairedDifference | None:
         return PairedDifference.from_metrics(new.get(suite, {})) if rescored else None

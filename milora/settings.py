@@ -219,6 +219,10 @@ class SuiteSettings(Section):
     template: str = Field("{text}", description="perplexity: format string giving each text")
     max_new_tokens: int | None = Field(None, ge=1, description="null = the suite's default")
     retention: bool = Field(False, description="scored on the base too; drop = forgetting")
+    current_truth: bool = Field(
+        False,
+        description="qa: one item per fact (id/key), scored against its newest drop's answer; stale rate",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -264,6 +268,12 @@ class GateSettings(Section):
         0.1, ge=0.0, description="largest forgetting allowed on any retention suite"
     )
     tolerance: float = Field(0.02, ge=0.0, description="other suites may drop this much below the champion")
+    max_stale: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="primary suite: share of changed facts answered with an old value, at most",
+    )
 
 
 class RegistrySettings(Section):

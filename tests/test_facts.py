@@ -235,3 +235,88 @@ def test_a_bad_drop_manifest_stops_ingest_naming_it(tmp_path):
         DataValidationError, match=r"drop_2026_11/drop\.yaml: kind: 'full' is not one of delta, snapshot"
     ):
         ingest(settings)
+
+
+# --------------------------------------------------------------------------- evaluation: the current truth
+HELDOUT = [
+    {
+        "id": "returns",
+        "drop": "drop_2026_10",
+        "kind": "policy",
+        "question": "Return window?",
+        "answer": "30 days",
+    },
+    {"id": "ceo", "drop": "drop_2026_10", "kind": "people", "question": "Who is the CEO?", "answer": "Grace"},
+    {
+        "id": "returns",
+        "drop": "drop_2026_11",
+        "kind": "policy",
+        "question": "How long to return?",
+        "answer": "45 days",
+    },
+    {
+        "id": "office",
+        "drop": "drop_2026_11",
+        "kind": "people",
+        "question": "Where is the office?",
+        "answer": "Lyon",
+    },
+]
+
+
+def test_each_fact_is_asked_once_against_its_newest_answer():
+    from milora.evaluation.truth import current_truth
+
+    items = current_truth(HELDOUT)
+    assert [(i["id"], i["answer"], i["stale_answers"]) for i in items] == [
+        ("returns", "45 days", ["30 days"]),
+        ("ceo", "Grace", []),
+        ("office", "Lyon", []),
+    ]
+    assert items[0]["question"] == "How long to return?"  # the newest drop's wording
+
+
+def test_a_model_that_answers_the_old_value_is_stale(monkeypatch):
+    """qa scoring with the model's answers fixed: the old return window is a stale answer;
+    per-drop and per-kind breakdowns come with the suite."""
+    import milora.evaluation.suites as suites
+    from milora.evaluation.truth import current_truth
+
+    answers = {
+        "How long to return?": "Returns within 30 days.",
+        "Who is the CEO?": "Grace",
+        "Where is the office?": "Paris",
+    }
+    monkeypatch.setattr(
+        suites, "render_prompts", lambda tokenizer, items, prompt, field: [i[field] for i in items]
+    )
+    monkeypatch.setattr(
+        suites, "greedy_generate", lambda model, tokenizer, prompts, **kw: [answers[p] for p in prompts]
+    )
+    result = suites.qa_suite(None, None, current_truth(HELDOUT), name="company", headline="contains")
+    assert result.n == 3 and result.score == pytest.approx(1 / 3)
+    assert result.metrics["stale_rate"] == 1.0 and result.metrics["changed_facts"] == 1.0
+    assert result.breakdown == {
+        "drop": {"drop_2026_10": 1.0, "drop_2026_11": 0.0},
+        "kind": {"people": 0.5, "policy": 0.0},
+    }
+    answers["How long to return?"] = "You have 45 days."
+    current = suites.qa_suite(None, None, current_truth(HELDOUT), name="company", headline="contains")
+    assert current.metrics["stale_rate"] == 0.0 and current.score == pytest.approx(2 / 3)
+
+
+def test_max_stale_rejects_a_challenger_that_gives_old_values():
+    from milora.promotion import gate
+    from milora.settings import GateSettings
+
+    rules = GateSettings(primary_suite="company", max_stale=0.05)
+    stale = {"company.score": 0.9, "company.stale_rate": 0.5, "company.changed_facts": 4.0}
+    first = gate(stale, None, rules)
+    assert (
+        not first.passed
+        and "company stale rate 0.5000 (of 4 changed facts) <= max 0.0500: FAILED" in first.reasons
+    )
+    better = gate({**stale, "company.stale_rate": 0.0}, {"company.score": 0.5}, rules)
+    assert (
+        better.passed and "company stale rate 0.0000 (of 4 changed facts) <= max 0.0500: ok" in better.reasons
+    )

@@ -753,3 +753,20 @@ def test_runs_left_running_by_a_killed_process_are_marked_failed(model, tmp_path
     assert str(client.get_logged_model(pending.model_id).status).endswith("FAILED")
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # a live owner is left alone
     client.set_terminated(alive.info.run_id, "FINISHED")
+
+
+def test_a_challenger_that_gives_old_values_is_rejected_and_the_champion_stays(model, tmp_path):
+    """max_stale on a real registry: better scores, but half the changed facts answered with
+    their old value."""
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    reg.promote(model, first["version"])
+    stale = with_metrics(
+        model, tmp_path / "v2", company__score=0.9, company__stale_rate=0.5, company__changed_facts=4.0
+    )
+    second = reg.register(stale, lineage(2))
+    decision = reg.promote(model, second["version"])
+    assert decision["decision"] == "rejected" and alias(client, name, "champion") == "1"
+    assert "company stale rate 0.5000 (of 4 changed facts) <= max 0.0500: FAILED" in decision["reasons"]
+    assert client.get_model_version(name, "2").tags["gate.decision"] == "rejected"

@@ -77,6 +77,10 @@ def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[s
                 items.extend(read_items(path, kind.required_keys, suite.limit))
         except (ValueError, UnicodeDecodeError) as error:
             raise SuiteFileError(f"evaluate.suites.{name}: {error}") from None
+    if suite.current_truth:
+        from milora.evaluation.truth import current_truth
+
+        items = current_truth(items)
     return items
 
 
@@ -291,8 +295,23 @@ def write_results(
     (out_dir / "comparison.json").write_text(
         json.dumps({"info": dict(info), "rows": [asdict(r) for r in rows]}, indent=1) + "\n"
     )
-    (out_dir / "summary.md").write_text(summary_table(rows))
+    (out_dir / "summary.md").write_text(summary_table(rows) + breakdown_text(adapter))
     return metrics
+
+
+def breakdown_text(results: Mapping[str, SuiteResult]) -> str:
+    """Markdown: each suite's stale rate and its headline metric per drop and per kind."""
+    lines = []
+    for name, result in results.items():
+        if "stale_rate" in result.metrics:
+            lines.append(
+                f"\n{name}: stale rate {result.metrics['stale_rate']:.4f} (of {int(result.metrics['changed_facts'])} "
+                "facts that changed, the share answered with an old value)"
+            )
+        for field_name, values in result.breakdown.items():
+            shown = ", ".join(f"{value} {score:.4f}" for value, score in values.items())
+            lines.append(f"\n{name} {result.metric} by {field_name}: {shown}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def evaluate_adapter(

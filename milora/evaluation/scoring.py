@@ -33,7 +33,7 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 # Where a GSM8K answer ends when the model runs on into a new question (as in the harness's
 # gsm8k task, whose generation stops at "Question:").
 GSM8K_STOPS = ("Question:",)
-LOWER_IS_BETTER = frozenset({"perplexity"})
+LOWER_IS_BETTER = frozenset({"perplexity", "stale_rate"})
 
 
 def lower_is_better(metric: str) -> bool:

@@ -55,6 +55,7 @@ class SuiteResult:
     n: int
     metrics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # headline by drop / kind
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> SuiteResult:
@@ -115,18 +116,39 @@ def qa_suite(
     rows = []
     for item, prediction in zip(items, outputs, strict=True):
         gold, said = normalize_answer(str(item["answer"])), normalize_answer(prediction)
-        rows.append(
-            {
-                **item,
-                "prediction": prediction,
-                "exact_match": exact_match(prediction, str(item["answer"])),
-                "f1": token_f1(prediction, str(item["answer"])),
-                "contains": float(f" {gold} " in f" {said} "),
-                "starts_with": float(f"{said} ".startswith(f"{gold} ")),
-            }
-        )
+        row = {
+            **item,
+            "prediction": prediction,
+            "exact_match": exact_match(prediction, str(item["answer"])),
+            "f1": token_f1(prediction, str(item["answer"])),
+            "contains": float(f" {gold} " in f" {said} "),
+            "starts_with": float(f"{said} ".startswith(f"{gold} ")),
+        }
+        if item.get("stale_answers"):  # a fact that changed: does the answer give an old value?
+            old = [normalize_answer(str(a)) for a in item["stale_answers"]]
+            row["stale"] = float(not row["contains"] and any(f" {o} " in f" {said} " for o in old if o))
+        rows.append(row)
     metrics = {key: _mean([r[key] for r in rows]) for key in QA_METRICS}
-    return SuiteResult(name, headline, metrics[headline], len(rows), metrics, rows)
+    changed = [r["stale"] for r in rows if "stale" in r]
+    if changed:
+        metrics["stale_rate"] = _mean(changed)  # of the facts that changed, answered with an old value
+        metrics["changed_facts"] = float(len(changed))
+    return SuiteResult(
+        name, headline, metrics[headline], len(rows), metrics, rows, _breakdown(rows, headline)
+    )
+
+
+def _breakdown(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, dict[str, float]]:
+    """The headline metric per drop and per kind, for items that say theirs."""
+    found: dict[str, dict[str, float]] = {}
+    for field_name in ("drop", "kind"):
+        groups: dict[str, list[float]] = {}
+        for row in rows:
+            if row.get(field_name):
+                groups.setdefault(str(row[field_name]), []).append(row[metric])
+        if groups:
+            found[field_name] = {value: _mean(scores) for value, scores in sorted(groups.items())}
+    return found
 
 
 def perplexity_suite(

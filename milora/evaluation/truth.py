@@ -1,0 +1,42 @@
+"""Held-out questions against the current truth: a fact asked in several drops is scored once,
+against its newest answer, and an answer that gives an older value is *stale*.
+
+A company's held-out set grows with its drops, and facts change between them: October's
+items expect "30 days", November's "45 days" for the same question. Scored as given, no
+model can pass both, and the score cannot say whether the model knows the *current* policy.
+Items name their fact by ``id`` (or ``key``; else the normalised question) and their drop by
+``drop`` (drop names sort by date; items without one keep file order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from milora.data.facts import normalised
+
+
+def item_key(item: dict[str, Any]) -> str:
+    """The fact an evaluation item asks about."""
+    named = item.get("id") or item.get("key")
+    return f"key:{named}" if named else normalised(str(item.get("question", "")))
+
+
+def current_truth(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One item per fact: the newest drop's item (its question and answer), with
+    ``stale_answers``, the different answers earlier drops gave (empty when it never changed).
+    Facts keep the order of their first appearance."""
+    groups: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
+    for position, item in enumerate(items):
+        groups.setdefault(item_key(item), []).append((str(item.get("drop") or ""), position, item))
+    current = []
+    for found in groups.values():
+        newest = max(found, key=lambda entry: (entry[0], entry[1]))[2]
+        answer = normalised(str(newest["answer"]))
+        stale = list(
+            dict.fromkeys(
+                str(item["answer"]) for _, _, item in found if normalised(str(item["answer"])) != answer
+            )
+        )
+        current.append({**newest, "stale_answers": stale})
+    return current
