@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -497,34 +497,51 @@ def _apply_facts(
         counts["clean_rows"] = part["rows"] = len(kept)
 
 
+def _leaving(
+    rule: str,
+    source: str,
+    found: dict[tuple[str, int], Any],
+    settings: Settings,
+    value: Callable[[Any], str],
+    detail: Callable[[list[Any]], str],
+) -> list[Finding]:
+    """One finding for the records of ``source`` that ``rule`` takes out of training."""
+    mine = [fact for (where, _), fact in found.items() if where == source]
+    if not mine:
+        return []
+    rows = sorted(fact.row for fact in mine)
+    return [
+        Finding(
+            rule,
+            source,
+            settings.validation.policy(rule),
+            rows=rows,
+            values=[value(f) for f in mine],
+            detail=detail(mine),
+        )
+    ]
+
+
 def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[Finding]:
     """The fact findings of one part: its records a later drop superseded, its in-drop conflicts."""
-    findings = []
-    superseded = [s for (where, _), s in facts.superseded.items() if where == source]
-    if superseded:
-        newest = sorted({s.new_drop for s in superseded})
-        findings.append(
-            Finding(
-                "superseded",
-                source,
-                settings.validation.policy("superseded"),
-                rows=sorted(s.row for s in superseded),
-                values=[f"{s.key!r}: {s.old_answer!r} -> {s.new_answer!r}" for s in superseded],
-                detail=f"answered differently by the later drop {', '.join(newest)}",
-            )
-        )
-    retired = [r for (where, _), r in facts.retired.items() if where == source]
-    if retired:
-        findings.append(
-            Finding(
-                "retired",
-                source,
-                settings.validation.policy("retired"),
-                rows=sorted(r.row for r in retired),
-                values=[f"{r.key!r} ({r.how} {r.retired_by})" for r in retired],
-                detail="no longer true",
-            )
-        )
+    findings = _leaving(
+        "superseded",
+        source,
+        facts.superseded,
+        settings,
+        lambda s: f"{s.key!r}: {s.old_answer!r} -> {s.new_answer!r}",
+        lambda found: (
+            f"answered differently by the later drop {', '.join(sorted({s.new_drop for s in found}))}"
+        ),
+    )
+    findings += _leaving(
+        "retired",
+        source,
+        facts.retired,
+        settings,
+        lambda r: f"{r.key!r} ({r.how} {r.retired_by})",
+        lambda _: "no longer true",
+    )
     for conflict in facts.conflicts:
         if conflict.first.source == source or conflict.second.source == source:
             first, second = conflict.first, conflict.second

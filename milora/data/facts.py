@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
 _SPACE = re.compile(r"\s+")
@@ -129,17 +129,7 @@ class Supersession:
     new_row: int
 
     def to_dict(self) -> dict[str, str | int]:
-        return {
-            "key": self.key,
-            "old_answer": self.old_answer,
-            "new_answer": self.new_answer,
-            "old_drop": self.old_drop,
-            "new_drop": self.new_drop,
-            "source": self.source,
-            "row": self.row,
-            "new_source": self.new_source,
-            "new_row": self.new_row,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -165,15 +155,7 @@ class Retirement:
     row: int
 
     def to_dict(self) -> dict[str, str | int]:
-        return {
-            "key": self.key,
-            "answer": self.answer,
-            "drop": self.drop,
-            "retired_by": self.retired_by,
-            "how": self.how,
-            "source": self.source,
-            "row": self.row,
-        }
+        return asdict(self)
 
 
 @dataclass
