@@ -542,6 +542,21 @@ def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[F
         lambda r: f"{r.key!r} ({r.how} {r.retired_by})",
         lambda _: "no longer true",
     )
+    alike = [c for c in facts.likely_changes if c.record.source == source]
+    if alike:
+        findings.append(
+            Finding(
+                "likely_changed_fact",
+                source,
+                settings.validation.policy("likely_changed_fact"),
+                rows=sorted(c.record.row for c in alike),
+                values=[
+                    f"{c.record.answer!r} vs {c.earlier.drop}: {c.earlier.answer!r} (asked {c.earlier.key!r})"
+                    for c in alike
+                ],
+                detail="the same fact reworded? give both one key (a key column) so the newer answer supersedes",
+            )
+        )
     for conflict in facts.conflicts:
         if conflict.first.source == source or conflict.second.source == source:
             first, second = conflict.first, conflict.second

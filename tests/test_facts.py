@@ -320,3 +320,37 @@ def test_max_stale_rejects_a_challenger_that_gives_old_values():
     assert (
         better.passed and "company stale rate 0.0000 (of 4 changed facts) <= max 0.0500: ok" in better.reasons
     )
+
+
+def test_a_reworded_question_with_a_changed_number_is_a_likely_change():
+    """Exact keys miss a reworded question; RapidFuzz similarities flag it. Questions about
+    different things with the same template (the kettle's price, the lamp's) are not flagged."""
+    from milora.data.facts import likely_changes
+
+    found = likely_changes(
+        [
+            record(1, 1, "What is the return window?", "Returns are accepted within 30 days."),
+            record(1, 2, "How much does the kettle cost?", "The kettle costs $20."),
+            record(2, 1, "How long is the return period?", "Returns are accepted within 45 days."),
+            record(2, 2, "How much does the lamp cost?", "The lamp costs $35."),
+            record(
+                2, 3, "What is the return window?", "Returns are accepted within 60 days."
+            ),  # exact: superseded
+        ]
+    )
+    (change,) = found
+    assert (change.record.row, change.earlier.row, change.earlier.drop) == (1, 1, "drop_01")
+    assert change.answer_similarity >= 90
+
+
+def test_validation_warns_of_a_likely_changed_fact(tmp_path):
+    old = qa("What is the return window?", "Returns are accepted within 30 days.")
+    new = qa("How long is the return period?", "Returns are accepted within 45 days.")
+    settings = drops(
+        tmp_path, [old, *FILLER], [new, qa("Who is the CEO?", "Grace."), qa("Where is the office?", "Lyon.")]
+    )
+    ingest(settings)
+    report = validate(settings, reports_dir=tmp_path / "reports")
+    (warning,) = [f for f in report.warnings if f.rule == "likely_changed_fact"]
+    assert warning.rows == [1] and warning.source == "company/drop_2026_11/train.jsonl"
+    assert "45 days" in warning.line() and "30 days" in warning.line() and report.passed

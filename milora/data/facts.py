@@ -168,6 +168,66 @@ class Resolution:
     retired: dict[tuple[str, int], Retirement] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     unknown_retired: list[tuple[str, str]] = field(default_factory=list)
+    likely_changes: list[LikelyChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LikelyChange:
+    """A record whose answer reads like an earlier drop's answer to a similar question with a
+    number or a name changed: perhaps the same fact reworded, which exact keys cannot see."""
+
+    record: FactRecord
+    earlier: FactRecord
+    answer_similarity: float
+    question_similarity: float
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _masked(text: str) -> str:
+    return _NUMBER.sub("#", normalised(text))
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(normalised(text)))
+
+
+def likely_changes(
+    records: Iterable[FactRecord], min_answer_similarity: float = 90.0, min_question_similarity: float = 50.0
+) -> list[LikelyChange]:
+    """Records of a later drop that look like a changed fact of an earlier drop under other
+    words (RapidFuzz similarities, 0-100): the answers are alike once numbers are masked
+    (``fuzz.ratio``) yet differ, the questions are alike (``fuzz.token_set_ratio``), and the
+    words the questions differ in are none the answers name (else they ask about different
+    things: "the price of the kettle" and "the price of the lamp"). Records keyed by an
+    export's id are left out: their keys are exact."""
+    from rapidfuzz import fuzz, process
+
+    records = [r for r in records if not r.key.startswith("key:")]
+    found = []
+    for order in sorted({r.order for r in records}):
+        earlier = list({r.key: r for r in records if r.order < order}.values())
+        if not earlier:
+            continue
+        known, masked = {r.key for r in earlier}, [_masked(r.answer) for r in earlier]
+        for record in (r for r in records if r.order == order and r.key not in known):
+            candidates = process.extract(
+                _masked(record.answer), masked, scorer=fuzz.ratio, score_cutoff=min_answer_similarity, limit=5
+            )
+            for _, answer_score, index in candidates:
+                other = earlier[index]
+                question_score = fuzz.token_set_ratio(record.key, other.key)
+                differing = _words(record.key) ^ _words(other.key)
+                if (
+                    normalised(other.answer) != normalised(record.answer)
+                    and question_score >= min_question_similarity
+                    and not differing & (_words(record.answer) | _words(other.answer))
+                ):
+                    found.append(LikelyChange(record, other, answer_score, question_score))
+                    break
+    return found
 
 
 def resolve(records: Iterable[FactRecord], drops: Iterable[Drop] = ()) -> Resolution:
@@ -208,6 +268,7 @@ def resolve(records: Iterable[FactRecord], drops: Iterable[Drop] = ()) -> Resolu
                     new_row=current.row,
                 )
     _retire(by_key, sorted(drops, key=lambda d: d.order), resolution)
+    resolution.likely_changes = likely_changes(records)
     return resolution
 
 

@@ -89,6 +89,12 @@ _RULES = (
         "a later drop retires the fact key (drop.yaml retire, or absent from a snapshot): its records leave training",
     ),
     Rule("unknown_retired_key", "table", "warn", "a drop.yaml retires a key no earlier drop states"),
+    Rule(
+        "likely_changed_fact",
+        "table",
+        "warn",
+        "an answer reads like an earlier drop's to a similar question with a number or name changed",
+    ),
 )
 RULES: dict[str, Rule] = {rule.name: rule for rule in _RULES}
 ROW_RULES: tuple[str, ...] = tuple(r.name for r in _RULES if r.level == "row")
