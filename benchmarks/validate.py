@@ -119,13 +119,18 @@ def child(data: Path, drops: int, work: Path, tokenizer: Path) -> dict[str, floa
     benchmarks = REPO.parent / "shared" / "benchmarks"
     params = {
         "base_model": str(tokenizer),
-        "ingest": {"sources": [str(data / "drop_*/train.jsonl")], "out_dir": str(work / "ingested")},
+        "ingest": {
+            "sources": [str(data / "drop_*/train.jsonl")],
+            "watch": str(data),
+            "out_dir": str(work / "ingested"),
+        },
         "validate": {
             "dataset_dir": str(work / "dataset"),
             "reports_dir": str(work / "reports"),
             "gx_dir": str(REPO / "gx"),
             "max_tokens": 512,
             "min_rows": 100,
+            "policies": {"unmatched_file": "warn"},  # runs read the first N drops of the folder
             "contamination": {
                 "benchmarks": [str(benchmarks)] if benchmarks.is_dir() else [],
                 "cache_dir": str(work.parent / "index-cache"),

@@ -354,3 +354,18 @@ def test_validation_warns_of_a_likely_changed_fact(tmp_path):
     (warning,) = [f for f in report.warnings if f.rule == "likely_changed_fact"]
     assert warning.rows == [1] and warning.source == "company/drop_2026_11/train.jsonl"
     assert "45 days" in warning.line() and "30 days" in warning.line() and report.passed
+
+
+def test_large_drops_look_for_changed_numbers_only():
+    """Past the fuzzy budget, candidates are answers equal once numbers are masked."""
+    from milora.data.facts import likely_changes
+
+    rows = [
+        record(1, 1, "What is the return window?", "Returns are accepted within 30 days."),
+        record(2, 1, "How long is the return period?", "Returns are accepted within 45 days."),
+        record(
+            2, 2, "How long is the refund period?", "Refunds are accepted within 45 days."
+        ),  # not numbers only
+    ]
+    (exact,) = likely_changes(rows, fuzzy_pairs=0)
+    assert exact.record.row == 1 and exact.answer_similarity == 100.0

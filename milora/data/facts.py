@@ -194,15 +194,25 @@ def _words(text: str) -> set[str]:
     return set(_WORD.findall(normalised(text)))
 
 
+FUZZY_PAIRS = 20_000_000  # answer pairs compared fuzzily per drop; beyond, exact masked answers only
+
+
 def likely_changes(
-    records: Iterable[FactRecord], min_answer_similarity: float = 90.0, min_question_similarity: float = 50.0
+    records: Iterable[FactRecord],
+    min_answer_similarity: float = 90.0,
+    min_question_similarity: float = 50.0,
+    fuzzy_pairs: int = FUZZY_PAIRS,
 ) -> list[LikelyChange]:
     """Records of a later drop that look like a changed fact of an earlier drop under other
     words (RapidFuzz similarities, 0-100): the answers are alike once numbers are masked
     (``fuzz.ratio``) yet differ, the questions are alike (``fuzz.token_set_ratio``), and the
     words the questions differ in are none the answers name (else they ask about different
     things: "the price of the kettle" and "the price of the lamp"). Records keyed by an
-    export's id are left out: their keys are exact."""
+    export's id are left out: their keys are exact.
+
+    The fuzzy comparison is every new record against every earlier one; when a drop would
+    make more than ``fuzzy_pairs`` such pairs, only answers equal once numbers are masked (a
+    changed number) are candidates, found by lookup, so validation stays linear."""
     from rapidfuzz import fuzz, process
 
     records = [r for r in records if not r.key.startswith("key:")]
@@ -212,10 +222,22 @@ def likely_changes(
         if not earlier:
             continue
         known, masked = {r.key for r in earlier}, [_masked(r.answer) for r in earlier]
-        for record in (r for r in records if r.order == order and r.key not in known):
-            candidates = process.extract(
-                _masked(record.answer), masked, scorer=fuzz.ratio, score_cutoff=min_answer_similarity, limit=5
-            )
+        new = [r for r in records if r.order == order and r.key not in known]
+        by_mask: dict[str, list[int]] = {}
+        for index, text in enumerate(masked):
+            by_mask.setdefault(text, []).append(index)
+        fuzzy = len(new) * len(earlier) <= fuzzy_pairs
+        for record in new:
+            if fuzzy:
+                candidates = process.extract(
+                    _masked(record.answer),
+                    masked,
+                    scorer=fuzz.ratio,
+                    score_cutoff=min_answer_similarity,
+                    limit=5,
+                )
+            else:
+                candidates = [(None, 100.0, index) for index in by_mask.get(_masked(record.answer), [])[:5]]
             for _, answer_score, index in candidates:
                 other = earlier[index]
                 question_score = fuzz.token_set_ratio(record.key, other.key)
