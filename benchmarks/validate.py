@@ -81,29 +81,11 @@ def make_drops(folder: Path, drops: int, rows: int, seed: int = 0) -> list[Path]
 
 
 def tokenizer_dir() -> Path:
-    """The demo base model's tokenizer, else a small byte-level BPE trained on the spot."""
+    """The demo base model's tokenizer (committed; ``python -m milora.demo.build`` rebuilds it)."""
     demo = REPO / "data" / "demo" / "base_model"
-    if (demo / "tokenizer.json").is_file():
-        return demo
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
-    )
-    backend.train_from_iterator([" ".join(WORDS)] * 10, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-    )
-    out = Path(tempfile.mkdtemp(prefix="milora-bench-tokenizer-"))
-    tokenizer.save_pretrained(out)
-    return out
+    if not (demo / "tokenizer.json").is_file():
+        raise SystemExit(f"{demo} has no tokenizer.json: run `python -m milora.demo.build` first")
+    return demo
 
 
 def child(data: Path, drops: int, work: Path, tokenizer: Path) -> dict[str, float]:

@@ -71,7 +71,7 @@ def claim(settings: Settings, path: str | os.PathLike[str] | None, key: str) -> 
     explicit = path is not None
     if path is None:
         section, _, name = key.partition(".")
-        path = settings.path(getattr(_section(settings, section), name))
+        path = settings.path(settings.model_dump(by_alias=True)[section][name])
     resolved, root = Path(path).resolve(), settings.root.resolve()
     relative = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else None
     inputs = [
@@ -82,12 +82,6 @@ def claim(settings: Settings, path: str | os.PathLike[str] | None, key: str) -> 
     return claim_output(
         path, root, key, inputs=inputs, adopt=relative in locked_hashes(root), confine=not explicit
     )
-
-
-def _section(settings: Settings, name: str) -> Any:
-    """A params.yaml section by its file name (``validate`` is ``settings.validation``)."""
-    aliases = {"validate": "validation", "evaluate": "evaluation"}
-    return getattr(settings, aliases.get(name, name))
 
 
 def stage_task(

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -577,7 +576,11 @@ def _fact_findings(source: str, facts: Resolution, settings: Settings) -> list[F
 
 
 def _validate_part(
-    entry: dict[str, Any], table: pa.Table, settings: Settings, tools: _Tools, carried: set[str] = frozenset()
+    entry: dict[str, Any],
+    rows: list[dict[str, Any]],
+    settings: Settings,
+    tools: _Tools,
+    carried: set[str] = frozenset(),
 ) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts).
     ``carried``: record ids of earlier drops, which a snapshot drop repeats without them being
@@ -586,7 +589,6 @@ def _validate_part(
 
     cfg = settings.validation
     source = entry["source"]
-    rows = table.to_pylist()
     derived = derive_columns(rows, tools)
     n_carried = sum(1 for row in rows if row["duplicate"] and row["record_id"] in carried)
     frame = _gx_frame(
@@ -682,13 +684,12 @@ def validate(
                 )
                 earlier = set().union(*(d["ids"] for d in drops.values() if d["order"] < drop["order"]))
                 carried = earlier if info["kind"] == "snapshot" else set()
-                findings, clean, bad, counts = _validate_part(entry, table, settings, tools, carried)
+                rows = table.to_pylist()
+                findings, clean, bad, counts = _validate_part(entry, rows, settings, tools, carried)
                 report.parts.append(counts)
                 records += _fact_records(entry["source"], info["name"], drop["order"], clean)
                 whole = [
-                    r
-                    for r in table.to_pylist()
-                    if r["output"] and not any(r[c] for c in r if c.startswith("check_"))
+                    r for r in rows if r["output"] and not any(r[c] for c in r if c.startswith("check_"))
                 ]
                 drop["keys"] |= {fact_key(r["instruction"], r["input"], r.get("key")) for r in whole}
                 drop["ids"] |= {r["record_id"] for r in whole}

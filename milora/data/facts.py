@@ -36,11 +36,14 @@ def normalised(text: str) -> str:
     return _SPACE.sub(" ", folded).strip().rstrip("?.!:;").strip()
 
 
+ID_PREFIX = "key:"  # a fact key taken from an export's own id, not from the question
+
+
 def fact_key(instruction: str | None, input_text: str | None = None, key: str | None = None) -> str:
     """The fact key of a record: the export's own ``key`` (an article, policy or SKU id,
     compared exactly but for surrounding spaces) when it has one, else its normalised prompt."""
     if key and key.strip():
-        return f"key:{key.strip()}"
+        return f"{ID_PREFIX}{key.strip()}"
     prompt = (instruction or "") + (f"\n{input_text}" if input_text else "")
     return normalised(prompt)
 
@@ -98,7 +101,7 @@ def parse_drop_manifest(data: object) -> dict[str, object]:
 
 def retired_forms(entry: str) -> tuple[str, str]:
     """The fact keys a ``retire`` entry can mean: an export's id, or a question as asked."""
-    return f"key:{entry.strip()}", normalised(entry)
+    return fact_key(None, key=entry), fact_key(entry)
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ def likely_changes(
     changed number) are candidates, found by lookup, so validation stays linear."""
     from rapidfuzz import fuzz, process
 
-    records = [r for r in records if not r.key.startswith("key:")]
+    records = [r for r in records if not r.key.startswith(ID_PREFIX)]
     found = []
     for order in sorted({r.order for r in records}):
         earlier = list({r.key: r for r in records if r.order < order}.values())

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from milora.data.facts import normalised
+from milora.data.facts import fact_key, normalised
 
 
 def item_key(item: dict[str, Any]) -> str:
     """The fact an evaluation item asks about."""
     named = item.get("id") or item.get("key")
-    return f"key:{named}" if named else normalised(str(item.get("question", "")))
+    return fact_key(str(item.get("question", "")), key=str(named) if named else None)
 
 
 def current_truth(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
