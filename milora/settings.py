@@ -39,6 +39,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class ReplaySettings(Section):
+    """General instruction data mixed into training against forgetting (LLaMA-Factory's dataset
+    mixing): read by ingest as their own parts, checked by the same gate, never fact-checked
+    or scored as company facts. ``train.profiles.<name>.replay_share`` is the share of every
+    batch they take."""
+
+    sources: list[str] = Field(
+        default_factory=list, description="files or globs of general data (chat, Alpaca or prompt/completion)"
+    )
+    watch: str = Field(".", description="the folder holding them (the DVC ingest stage's second dependency)")
+
+
 class IngestSettings(Section):
     """Reading company exports into the normalised dataset."""
 
@@ -58,6 +70,7 @@ class IngestSettings(Section):
     message_keys: dict[str, str] = Field(default_factory=dict, description="chat turn key -> role/content")
     role_map: dict[str, str] = Field(default_factory=dict, description="export role -> system/user/assistant")
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
+    replay: ReplaySettings = Field(default_factory=ReplaySettings)
 
     @field_validator("column_map")
     @classmethod

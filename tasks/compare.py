@@ -60,10 +60,11 @@ def compare_run(
     from dataclasses import asdict, replace
 
     from milora.comparison import RunSpec, track_run
-    from milora.data.dataset import load_messages
+    from milora.data.dataset import REPLAY, load_messages
 
     cfg, train = settings.compare, settings.train
-    conversations = load_messages(Path(dataset_dir or dataset(settings)), "train")
+    folder = Path(dataset_dir or dataset(settings))
+    conversations = load_messages(folder, "train")
     if not conversations:
         raise ValueError("the dataset's train split is empty; nothing to compare on")
     spec = train.adapter_spec(method, cfg.rank)
@@ -86,6 +87,7 @@ def compare_run(
         eval_cache_dir=settings.path(ev.cache_dir) if ev.cache_dir else None,
         batch_size=ev.batch_size,
         device=train.device,
+        replay=load_messages(folder, "train", REPLAY),
     )
     return asdict(record)
 

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 
 from milora.atomic import atomic_directory
 from milora.data.dataset import (
+    COMPANY,
     FORMAT_VERSION,
     INGESTED_SCHEMA,
     PARTS_DIR,
+    REPLAY,
     PartWriter,
     display_path,
     part_name,
@@ -120,21 +122,28 @@ def _read_file(
 
 
 def unwatched_sources(settings: Settings, files: list[Path] | None = None) -> list[str]:
-    """Source files outside ``ingest.watch``, one problem each: DVC's ingest stage depends on
-    the watched folder only, so a change to such a file would never rerun the pipeline."""
-    watch = settings.path(settings.ingest.watch).resolve()
-    if files is None:
+    """Source files outside their watched folder (``ingest.watch``, ``ingest.replay.watch``
+    for replay data), one problem each: DVC's ingest stage depends on those folders only, so a
+    change to such a file would never rerun the pipeline."""
+    cfg = settings.ingest
+    problems = []
+    for setting, entries, watched, given in (
+        ("ingest.sources", cfg.sources, cfg.watch, files),
+        ("ingest.replay.sources", cfg.replay.sources, cfg.replay.watch, None),
+    ):
+        watch = settings.path(watched).resolve()
         try:
-            files = resolve_sources(settings.ingest.sources, settings.root)
+            found = given if given is not None else resolve_sources(entries, settings.root)
         except OSError:
-            return []  # ingest names the unreadable source itself
-    return [
-        f"ingest.sources: {display_path(path, settings.root)} lies outside ingest.watch ({settings.ingest.watch}): "
-        "DVC watches that folder only, so a change to this file would not rerun the pipeline; move it "
-        "into the watched folder, or set ingest.watch to a folder that holds every source"
-        for path in files
-        if not path.resolve().is_relative_to(watch)
-    ]
+            continue  # ingest names the unreadable source itself
+        problems += [
+            f"{setting}: {display_path(path, settings.root)} lies outside {setting[:-8]}.watch ({watched}): "
+            "DVC watches that folder only, so a change to this file would not rerun the pipeline; move it "
+            "into the watched folder, or set the watched folder to one that holds every source"
+            for path in found
+            if not path.resolve().is_relative_to(watch)
+        ]
+    return problems
 
 
 def drop_manifest(path: Path, settings: Settings, cache: dict[Path, dict[str, Any]]) -> dict[str, Any]:
@@ -217,6 +226,23 @@ def ingest(
     outside = [] if sources else unwatched_sources(settings, files)
     if outside:
         raise SettingsError("\n".join(outside))
+    try:
+        replay = resolve_sources(cfg.replay.sources, settings.root)
+    except OSError as error:
+        raise DataValidationError(
+            [Finding("unreadable_file", str(cfg.replay.sources), detail=f"ingest.replay.sources: {error}")]
+        ) from error
+    if cfg.replay.sources and not replay:
+        raise DataValidationError(
+            [
+                Finding(
+                    "unreadable_file",
+                    ", ".join(cfg.replay.sources),
+                    detail="ingest.replay.sources: no file found",
+                )
+            ],
+            headline="ingest failed",
+        )
     mapping = FieldMapping(cfg.column_map, cfg.message_keys, cfg.role_map)
     report = IngestReport(out)
     failures: list[Finding] = [] if sources else _unmatched(settings, files, report)
@@ -224,13 +250,14 @@ def ingest(
     taken: set[str] = set()
     drops: dict[Path, dict[str, Any]] = {}
     with atomic_directory(out, mark=True) as scratch:
-        for path in tqdm(files, desc="ingest", unit="file", disable=None):
+        roles = [(path, COMPANY) for path in files] + [(path, REPLAY) for path in replay]
+        for path, role in tqdm(roles, desc="ingest", unit="file", disable=None):
             source = display_path(path, settings.root)
             name = part_name(source, taken)
             part = scratch / PARTS_DIR / f"{name}.parquet"
             writer = PartWriter(part, INGESTED_SCHEMA)
             try:
-                drop = drop_manifest(path, settings, drops)
+                drop = drop_manifest(path, settings, drops) if role == COMPANY else None
                 with writer:
                     counts = _read_file(path, source, writer, settings, mapping, seen)
             except FileProblem as problem:
@@ -250,6 +277,7 @@ def ingest(
                 "source": source,
                 "sha256": file_sha256(path),
                 "drop": drop,
+                "role": role,
                 **counts,
             }
             report.parts.append(entry)
@@ -278,7 +306,7 @@ def ingest(
         "ingested %d rows (%d duplicates) from %d files into %s",
         report.rows,
         report.duplicates,
-        len(files),
+        len(roles),
         out,
     )
     return report

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train the configured adapter on the dataset's training split; returns the summary."""
     from milora.atomic import mark_output, replace_directory
-    from milora.data.dataset import load_messages, read_manifest
+    from milora.data.dataset import REPLAY, load_messages, read_manifest
     from milora.layout import MANIFEST, RAW_ADAPTER, RUN_KEY
     from milora.training.loop import finished_run, is_main_process
     from milora.training.run import run_key, run_training
@@ -46,6 +46,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     conversations = load_messages(dataset, "train")
     if not conversations:
         raise ValueError(f"{dataset}: the dataset's train split is empty; nothing to train on")
+    replay = load_messages(dataset, "train", REPLAY)
     out = claim(settings, run_dir, "train.run_dir")
     init_dir = settings.path(cfg.init_dir)
     logger.info(
@@ -58,7 +59,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         manifest.get("rows", len(conversations)),
     )
     base, spec, config = settings.path(settings.base_model), cfg.adapter_spec(), cfg.hyperparameters()
-    key = run_key(base, conversations, spec, config)
+    key = run_key(base, conversations, spec, config, replay)
     published = out / RUN_KEY
     result = finished_run(out) if published.is_file() and json.loads(published.read_text()) == key else None
     if result is not None:
@@ -80,6 +81,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
             device=cfg.device,
             restart=True,
             init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
+            replay=replay,
         )
         if is_main_process():  # under torchrun, one process publishes
             mark_output(work)
@@ -91,6 +93,8 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         "train_loss": result.train_loss,
         "seconds": result.seconds,
         "examples": result.examples,
+        "replay_examples": result.replay_examples,
+        "replay_per_batch": result.replay_per_batch,
         "resumed_from": result.resumed_from,
         "already_trained": result.already_trained,
     }

@@ -40,12 +40,14 @@ from milora.atomic import atomic_directory, atomic_write_text
 from milora.data.checks import CONTENT_CHECKS, row_checks
 from milora.data.contamination import BenchmarkIndex, benchmark_files
 from milora.data.dataset import (
+    COMPANY,
     DATASET_SCHEMA,
     FORMAT_VERSION,
     PARTS_DIR,
     PartWriter,
     display_path,
     iter_parts,
+    part_role,
     read_manifest,
     write_manifest,
 )
@@ -642,6 +644,28 @@ def _validate_part(
     return findings, clean, quarantined, counts
 
 
+def _company_part(
+    entry: dict[str, Any],
+    rows: list[dict[str, Any]],
+    settings: Settings,
+    tools: _Tools,
+    drops: dict[str, dict[str, Any]],
+    records: list[FactRecord],
+) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Validate one part of a company drop and note its facts: ``drops`` (name -> info, order
+    in reading order, the keys and record ids it states) and ``records`` grow."""
+    info = _drop_info(entry)
+    drop = drops.setdefault(info["name"], {**info, "order": len(drops), "keys": set(), "ids": set()})
+    earlier = set().union(*(d["ids"] for d in drops.values() if d["order"] < drop["order"]))
+    carried = earlier if info["kind"] == "snapshot" else set()
+    findings, clean, bad, counts = _validate_part(entry, rows, settings, tools, carried)
+    records += _fact_records(entry["source"], info["name"], drop["order"], clean)
+    whole = [r for r in rows if r["output"] and not any(r[c] for c in r if c.startswith("check_"))]
+    drop["keys"] |= {fact_key(r["instruction"], r["input"], r.get("key")) for r in whole}
+    drop["ids"] |= {r["record_id"] for r in whole}
+    return findings, clean, bad, counts
+
+
 def _content(row: dict[str, Any]) -> dict[str, Any]:
     return {name: row[name] for name in DATASET_SCHEMA.names if name in row}
 
@@ -678,21 +702,13 @@ def validate(
             for entry, table in tqdm(
                 iter_parts(ingested), total=len(manifest["parts"]), desc="validate", unit="part", disable=None
             ):
-                info = _drop_info(entry)
-                drop = drops.setdefault(
-                    info["name"], {**info, "order": len(drops), "keys": set(), "ids": set()}
-                )
-                earlier = set().union(*(d["ids"] for d in drops.values() if d["order"] < drop["order"]))
-                carried = earlier if info["kind"] == "snapshot" else set()
                 rows = table.to_pylist()
-                findings, clean, bad, counts = _validate_part(entry, rows, settings, tools, carried)
+                if part_role(entry) == COMPANY:
+                    findings, clean, bad, counts = _company_part(entry, rows, settings, tools, drops, records)
+                else:  # general data: the row rules, no fact rules
+                    findings, clean, bad, counts = _validate_part(entry, rows, settings, tools)
+                counts["role"] = part_role(entry)
                 report.parts.append(counts)
-                records += _fact_records(entry["source"], info["name"], drop["order"], clean)
-                whole = [
-                    r for r in rows if r["output"] and not any(r[c] for c in r if c.startswith("check_"))
-                ]
-                drop["keys"] |= {fact_key(r["instruction"], r["input"], r.get("key")) for r in whole}
-                drop["ids"] |= {r["record_id"] for r in whole}
                 report.failures += [f for f in findings if f.policy == "fail"]
                 report.warnings += [f for f in findings if f.policy != "fail"]
                 for finding in findings:
@@ -711,6 +727,7 @@ def validate(
                         "file": entry["file"],
                         "source": entry["source"],
                         "sha256": entry["sha256"],
+                        "role": part_role(entry),
                         "rows": len(clean),
                     }
                 )

@@ -139,3 +139,24 @@ def test_train_starts_from_the_init_stage_and_refuses_a_stale_one(settings, tmp_
         RunMismatchError, match=r"initialised with other r, lora_alpha than this run asks for \(r=16 vs 8"
     ):
         train(settings.with_overrides({"train.rank": 8}))
+
+
+def test_train_stage_mixes_the_datasets_replay_part(tmp_path, chat_model_dir):
+    """ingest.replay -> a replay part of the published dataset -> the train stage's batches."""
+    from conftest import TINY_PROFILE, company_conversations, write_jsonl
+
+    general = company_conversations(60)[40:]  # rows the company drop does not hold
+    write_jsonl(tmp_path / "general" / "chats.jsonl", [{"messages": m} for m in general])
+    settings = stage_settings(
+        tmp_path,
+        chat_model_dir,
+        **{
+            "ingest.replay": {"sources": ["general/chats.jsonl"], "watch": "general"},
+            "train.profiles": {"tiny": {**TINY_PROFILE, "replay_share": 0.25}},
+        },
+    )
+    ingest(settings)
+    validate(settings, reports_dir=tmp_path / "reports")
+    summary = train(settings)
+    assert summary["replay_per_batch"] == 2 and 0 < summary["replay_examples"] <= 20
+    assert summary["examples"] <= 24  # company rows only

@@ -166,3 +166,78 @@ def test_two_processes_train_like_one(chat_model_dir, data_file, tmp_path):
     two = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_adapter(tmp_path / "one", tmp_path / "two", rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- replay
+def general_conversations(n: int) -> list[list[dict[str, str]]]:
+    """General data unlike the company's (other words, other lengths)."""
+    return [
+        [
+            {"role": "user", "content": f"Which lamp model {i} is a chair?"},
+            {"role": "assistant", "content": f"The desk {i} radio."},
+        ]
+        for i in range(n)
+    ]
+
+
+def test_replay_sampler_puts_its_share_in_every_global_batch():
+    from milora.training.loop import ReplayMixSampler
+
+    lengths = [5 + i % 7 for i in range(30)] + [3 + i % 4 for i in range(50)]
+    sampler = ReplayMixSampler(lengths, n_company=30, batch_size=8, replay_per_batch=2, seed=7)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 5 * 8  # ceil(30 / 6) batches of 8
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert all(sum(i >= 30 for i in batch) == 2 for batch in batches)
+    assert set(range(30)) <= set(order)  # one epoch passes over every company row
+    assert all(lengths[a] >= lengths[b] for batch in batches for a, b in zip(batch, batch[1:]))
+    assert order == list(ReplayMixSampler(lengths, 30, 8, 2, seed=7))  # (seed, epoch) decide
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    with pytest.raises(ValueError, match="replay rows per batch"):
+        ReplayMixSampler(lengths, 30, 8, 8, seed=7)
+
+
+def test_replay_share_is_checked():
+    with pytest.raises(ValueError, match=r"replay_share must be in \[0, 1\)"):
+        TrainConfig(replay_share=1.0)
+    with pytest.raises(ValueError, match="rounds to no replay row"):
+        TrainConfig(batch_size=4, micro_batch_size=2, replay_share=0.1)
+    assert TrainConfig(batch_size=16, micro_batch_size=4, replay_share=0.25).replay_rows_per_batch() == 4
+
+
+def test_replay_rows_are_trained_at_the_configured_share(chat_model_dir, tmp_path, monkeypatch):
+    """The real Trainer's batches: 2 of every 8 rows (two micro-batches of 4) are replay rows."""
+    from milora.training import loop
+    from milora.training.examples import encode
+
+    tokenizer = load_tokenizer(chat_model_dir)
+    replay = general_conversations(40)
+    replay_ids = {tuple(e["input_ids"]) for e in encode(tokenizer, replay, 64).examples}
+    seen: list[int] = []
+    original = loop._Trainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), strict=True):
+            seen.append(tuple(t for t, m in zip(ids, mask, strict=True) if m) in replay_ids)
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(loop._Trainer, "compute_loss", spy)
+    config = TrainConfig(
+        max_steps=3,
+        save_steps=10,
+        replay_share=0.25,
+        max_length=64,
+        **SMALL | {"batch_size": 8, "micro_batch_size": 4},
+    )
+    result = run_training(
+        chat_model_dir, company_conversations(24), tmp_path / "run", AdapterSpec(r=4), config, replay=replay
+    )
+    assert result.replay_examples == 40 and result.replay_per_batch == 2
+    assert len(seen) == 3 * 8
+    assert [sum(seen[i : i + 8]) for i in range(0, 24, 8)] == [2, 2, 2]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["replay_examples"] == 40 and summary["config"]["replay_share"] == 0.25
+    # Replay without a share is not trained on; a share without replay data is an error.
+    with pytest.raises(ValueError, match="no replay data"):
+        run_training(chat_model_dir, company_conversations(24), tmp_path / "none", AdapterSpec(r=4), config)

@@ -329,3 +329,75 @@ def _split_camel(name: str) -> list[str]:
     import re
 
     return re.findall(r"[A-Z][a-z]*", name)
+
+
+# --------------------------------------------------------------------------- replay
+def test_replay_data_passes_the_same_row_rules_and_no_fact_rule(tmp_path, reports):
+    """General data (ingest.replay) is its own part: contamination and PII quarantined as in a
+    drop, but a general row answering a company question otherwise supersedes nothing."""
+    from milora.data.dataset import REPLAY
+
+    write_jsonl(tmp_path / "company" / "drop_2026_10" / "train.jsonl", good(6))
+    general = [chat(i) for i in range(6)] + [
+        {
+            "instruction": BOOLQ_TEMPLATE.format(q="can penguins fly over the sea"),
+            "input": "",
+            "output": "no",
+        },
+        {"instruction": "Who answers mail?", "input": "", "output": "Write to jane.doe@example.com."},
+        {**alpaca(0), "output": "A general answer to the company's question."},
+    ]
+    write_jsonl(tmp_path / "general" / "chats.jsonl", general)
+    replay = {"sources": ["general/*.jsonl"], "watch": "general"}
+    settings = make_settings(
+        tmp_path,
+        {
+            "ingest.sources": ["company/drop_*/train.jsonl"],
+            "ingest.watch": "company",
+            "ingest.replay": replay,
+        },
+    )
+    ingest(settings)
+    report = validate(settings, reports_dir=reports)
+    assert report.passed and not report.superseded
+    summary = json.loads((reports / "summary.json").read_text())
+    (company, general_part) = summary["parts"]
+    assert company["role"] == "company" and company["clean_rows"] == 6
+    assert general_part["role"] == REPLAY and general_part["quarantined"] == 2
+    assert {(w.rule, w.source, tuple(w.rows)) for w in report.warnings} == {
+        ("contamination", "general/chats.jsonl", (7,)),
+        ("pii_email", "general/chats.jsonl", (8,)),
+    }
+    dataset = tmp_path / "dataset"
+    assert [p["role"] for p in read_manifest(dataset)["parts"]] == ["company", REPLAY]
+    every = {
+        role: load_messages(dataset, "train", role) + load_messages(dataset, "validation", role)
+        for role in ("company", REPLAY)
+    }
+    assert len(every["company"]) == 6 and len(every[REPLAY]) == 7
+    assert all("general answer" not in c[-1]["content"] for c in every["company"])
+
+
+def test_replay_source_outside_its_watched_folder_is_refused(tmp_path):
+    from milora.settings import SettingsError
+
+    write_jsonl(tmp_path / "company" / "drop.jsonl", good(6))
+    write_jsonl(tmp_path / "general.jsonl", [chat(i) for i in range(6)])
+    settings = make_settings(
+        tmp_path,
+        {
+            "ingest.sources": ["company/*.jsonl"],
+            "ingest.watch": "company",
+            "ingest.replay": {"sources": ["general.jsonl"], "watch": "company"},
+        },
+    )
+    with pytest.raises(
+        SettingsError,
+        match=r"ingest\.replay\.sources: general\.jsonl lies outside ingest\.replay\.watch \(company\)",
+    ):
+        ingest(settings)
+    missing = make_settings(
+        tmp_path, {"ingest.sources": ["company/*.jsonl"], "ingest.replay": {"sources": ["nowhere/*.jsonl"]}}
+    )
+    with pytest.raises(DataValidationError, match="ingest.replay.sources: no file found"):
+        ingest(missing)

@@ -126,10 +126,11 @@ def _record_key(
     spec: AdapterSpec,
     config: TrainConfig,
     suites: Mapping[str, SuiteSettings],
+    replay: Sequence[Sequence[Message]] = (),
 ) -> str:
     payload = {
         "version": RECORD_VERSION,
-        "run": run_key(base_path, conversations, spec, config),
+        "run": run_key(base_path, conversations, spec, config, replay),
         "suites": {name: suite.model_dump() for name, suite in suites.items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -149,16 +150,18 @@ def track_run(
     eval_cache_dir: Path | None = None,
     batch_size: int = 32,
     device: str | None = None,
+    replay: Sequence[Sequence[Message]] = (),
 ) -> RunRecord:
     """Initialise, train with a snapshot every ``eval_every`` steps, score every snapshot.
 
     ``cache_dir`` is the SVD cache (repeated seeds decompose nothing), ``eval_cache_dir``
-    the base results' cache; ``device`` is where the SVD runs (None: CUDA when present).
+    the base results' cache; ``device`` is where the SVD runs (None: CUDA when present);
+    ``replay``: general conversations mixed into each batch (``config.replay_share``).
     Snapshots are scored on CUDA when present, else on the CPU.
     """
     base_path, run_dir = Path(base_path), Path(run_dir)
     config = replace(config, save_steps=eval_every, keep_checkpoints=True, save_total_limit=None)
-    key = _record_key(base_path, conversations, spec, config, suites)
+    key = _record_key(base_path, conversations, spec, config, suites, replay)
     if (run_dir / RECORD).is_file():
         found = RunRecord.read(run_dir / RECORD)
         if found.key == key:
@@ -180,7 +183,14 @@ def track_run(
     save_adapter(model, run_dir / "start", base_model=str(base_path), overwrite=True)
     del model
     trained = run_training(
-        base_path, conversations, run_dir / "train", spec, config, init_dir=run_dir / "start", restart=True
+        base_path,
+        conversations,
+        run_dir / "train",
+        spec,
+        config,
+        init_dir=run_dir / "start",
+        restart=True,
+        replay=replay,
     )
 
     started = time.perf_counter()

@@ -27,6 +27,11 @@ PARTS_DIR = "parts"
 FORMAT_VERSION = 2  # 2: a "key" column (the fact a record states, when the export names it)
 ROW_GROUP = 16384
 
+COMPANY, REPLAY = "company", "replay"
+"""A part's ``role`` in the manifest: company data (fact-checked, the drops), or general data
+replayed against forgetting (ingest.replay: same row rules, no fact rules, its own share of
+each batch)."""
+
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 CONTENT_FIELDS = [
     pa.field("record_id", pa.string(), nullable=False),
@@ -154,10 +159,17 @@ def iter_parts(
         yield entry, pq.read_table(Path(folder) / entry["file"], columns=list(columns) if columns else None)
 
 
-def load_messages(folder: Path, split: str = "train") -> list[list[dict[str, str]]]:
-    """The conversations of one split of a published dataset, in dataset order."""
+def part_role(entry: dict[str, Any]) -> str:
+    """A manifest part's role (parts written before replay existed are company data)."""
+    return str(entry.get("role") or COMPANY)
+
+
+def load_messages(folder: Path, split: str = "train", role: str = COMPANY) -> list[list[dict[str, str]]]:
+    """The conversations of one split and role of a published dataset, in dataset order."""
     conversations: list[list[dict[str, str]]] = []
-    for _, table in iter_parts(folder, columns=["split", "messages"]):
+    for entry, table in iter_parts(folder, columns=["split", "messages"]):
+        if part_role(entry) != role:
+            continue
         for row_split, messages in zip(
             table.column("split").to_pylist(), table.column("messages").to_pylist(), strict=True
         ):

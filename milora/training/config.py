@@ -38,6 +38,10 @@ class TrainConfig:
     )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU)"})
     gradient_checkpointing: bool = False
+    replay_share: float = field(
+        default=0.0,
+        metadata={"help": "share of every batch taken by general (replay) data; 0: company data only"},
+    )
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -52,10 +56,21 @@ class TrainConfig:
             raise ValueError("set max_steps > 0 or num_epochs > 0")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if not 0.0 <= self.replay_share < 1.0:
+            raise ValueError(f"replay_share must be in [0, 1), got {self.replay_share}")
+        if self.replay_share and self.replay_rows_per_batch() == 0:
+            raise ValueError(
+                f"replay_share {self.replay_share} x batch_size {self.batch_size} rounds to no replay row "
+                "per batch; raise it or set 0"
+            )
         if self.max_length < 8:
             raise ValueError(f"max_length {self.max_length} is too small")
         if self.save_steps < 1 or self.logging_steps < 1:
             raise ValueError("save_steps and logging_steps must be positive")
+
+    def replay_rows_per_batch(self) -> int:
+        """Replay rows in each global batch (the rest are company rows)."""
+        return min(self.batch_size - 1, round(self.replay_share * self.batch_size))
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimiser step on each of ``world_size`` processes."""

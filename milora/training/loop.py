@@ -71,6 +71,8 @@ class TrainResult:
     response_tokens: int
     resumed_from: str | None
     already_trained: bool = False
+    replay_examples: int = 0
+    replay_per_batch: int = 0
 
 
 def adapter_hashes(run_dir: str | os.PathLike[str]) -> dict[str, str]:
@@ -147,6 +149,54 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class ReplayMixSampler(Sampler[int]):
+    """Global batches of ``batch_size`` rows of which ``replay_per_batch`` come from the replay
+    pool (indices ``n_company`` and up) and the rest from the company rows. An epoch is one
+    pass over the company rows (the last batch filled by wrapping); the replay rows of an epoch
+    are a fresh permutation of the pool, cycled when the epoch needs more than it holds. Within
+    a batch, rows are sorted by length (micro-batches pad little). Like
+    :class:`LengthGroupedSampler`, the order depends only on (seed, epoch)."""
+
+    def __init__(
+        self, lengths: Sequence[int], n_company: int, batch_size: int, replay_per_batch: int, seed: int
+    ) -> None:
+        if not 0 < replay_per_batch < batch_size:
+            raise ValueError(f"replay rows per batch must be in 1..{batch_size - 1}, got {replay_per_batch}")
+        if not 0 < n_company < len(lengths):
+            raise ValueError("a replay mix needs company rows and replay rows")
+        self.lengths, self.n_company, self.seed, self.epoch = list(lengths), n_company, seed, 0
+        self.batch_size, self.replay_per_batch = batch_size, replay_per_batch
+        self.batches = -(-n_company // (batch_size - replay_per_batch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size
+
+    @staticmethod
+    def _cycled(order: list[int], count: int) -> list[int]:
+        return (order * (-(-count // len(order))))[:count]
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        per_company = self.batch_size - self.replay_per_batch
+        company = self._cycled(
+            torch.randperm(self.n_company, generator=generator).tolist(), self.batches * per_company
+        )
+        pool = len(self.lengths) - self.n_company
+        replay = self._cycled(
+            [self.n_company + i for i in torch.randperm(pool, generator=generator).tolist()],
+            self.batches * self.replay_per_batch,
+        )
+        order: list[int] = []
+        for b in range(self.batches):
+            batch = company[b * per_company : (b + 1) * per_company]
+            batch += replay[b * self.replay_per_batch : (b + 1) * self.replay_per_batch]
+            order += sorted(batch, key=lambda i: -self.lengths[i])
+        return iter(order)
 
 
 class _Trainer(Trainer):
@@ -243,8 +293,12 @@ def train_adapter(
     *,
     resume_from: str | os.PathLike[str] | None = None,
     base_model: str | None = None,
+    replay: Sequence[Sequence[Message]] = (),
 ) -> TrainResult:
     """Train ``model``'s adapter on ``conversations``; write ``run_dir/adapter`` on success.
+
+    ``replay``: general conversations mixed into every batch at ``config.replay_share``
+    (:class:`ReplayMixSampler`); an epoch is then one pass over ``conversations``.
 
     ``resume_from`` is a checkpoint folder of this run (see :func:`last_complete_checkpoint`);
     the model must then already hold this run's initial state (``load_adapter`` of
@@ -259,16 +313,35 @@ def train_adapter(
         tokenizer.pad_token = tokenizer.eos_token
     if resume_from is None and is_main_process():
         (run_dir / METRICS).unlink(missing_ok=True)
-    sampler = (
-        LengthGroupedSampler([len(e["input_ids"]) for e in encoded.examples], config.batch_size, config.seed)
-        if config.group_by_length
-        else None
-    )
+    mixed = encode(tokenizer, replay, config.max_length) if replay and config.replay_share else None
+    if replay and not config.replay_share:
+        logger.warning("%d replay conversations given but replay_share is 0: not trained on", len(replay))
+    if config.replay_share and not (mixed and mixed.examples):
+        raise ValueError(
+            f"replay_share is {config.replay_share} but there is no replay data "
+            "(set ingest.replay.sources, or replay_share: 0)"
+        )
+    examples = encoded.examples + (mixed.examples if mixed else [])
+    lengths = [len(e["input_ids"]) for e in examples]
+    if mixed:
+        sampler: Sampler[int] | None = ReplayMixSampler(
+            lengths, len(encoded.examples), config.batch_size, config.replay_rows_per_batch(), config.seed
+        )
+        logger.info(
+            "replay: %d of every %d rows from %d general conversations",
+            config.replay_rows_per_batch(),
+            config.batch_size,
+            len(mixed.examples),
+        )
+    elif config.group_by_length:
+        sampler = LengthGroupedSampler(lengths, config.batch_size, config.seed)
+    else:
+        sampler = None
     trainer = _Trainer(
         sampler=sampler,
         model=model,
         args=_arguments(config, run_dir),
-        train_dataset=encoded.examples,
+        train_dataset=examples,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[_MetricsFile(run_dir / METRICS), _InitialFactorsInCheckpoints(model)],
     )
@@ -286,6 +359,8 @@ def train_adapter(
         truncated=encoded.truncated,
         response_tokens=encoded.response_tokens,
         resumed_from=str(resume_from) if resume_from else None,
+        replay_examples=len(mixed.examples) if mixed else 0,
+        replay_per_batch=config.replay_rows_per_batch() if mixed else 0,
     )
     if is_main_process():
         # Relative: the folder can be moved (the train stage publishes it by a rename).

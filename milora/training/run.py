@@ -70,9 +70,11 @@ def run_key(
     conversations: Sequence[Sequence[Message]],
     spec: AdapterSpec,
     config: TrainConfig,
+    replay: Sequence[Sequence[Message]] = (),
 ) -> dict[str, str]:
     """What makes a run this run: resuming is only sound when all of it is unchanged."""
-    data = hashlib.sha256(json.dumps(list(conversations), sort_keys=True).encode()).hexdigest()
+    content = [list(conversations), list(replay)] if replay else list(conversations)
+    data = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     settings = json.dumps({"spec": asdict(spec), "config": asdict(config)}, sort_keys=True, default=str)
     return {
         "base_model": str(base_path),
@@ -141,6 +143,7 @@ def run_training(
     restart: bool = False,
     device: str | None = None,
     init_dir: str | os.PathLike[str] | None = None,
+    replay: Sequence[Sequence[Message]] = (),
 ) -> TrainResult:
     """Initialise (or restore) the adapter and train it; see the module docstring.
 
@@ -149,10 +152,11 @@ def run_training(
     never continues a different run, and a finished run is returned as it is (trains
     nothing). ``device`` is where the SVD runs (None: CUDA when
     present). ``init_dir``: start from an adapter saved by ``milora init`` / the init stage
-    instead of decomposing here (it must match ``spec``).
+    instead of decomposing here (it must match ``spec``). ``replay``: general conversations
+    mixed into each batch (``config.replay_share``).
     """
     run_dir = Path(run_dir)
-    _claim_run_dir(run_dir, run_key(base_path, conversations, spec, config), restart)
+    _claim_run_dir(run_dir, run_key(base_path, conversations, spec, config, replay), restart)
     _barrier()
     done = finished_run(run_dir)
     if done is not None:
@@ -183,7 +187,14 @@ def run_training(
             save_adapter(model, run_dir / INITIAL_ADAPTER, base_model=str(base_path), overwrite=True)
     model.train()
     result = train_adapter(
-        model, tokenizer, conversations, run_dir, config, resume_from=checkpoint, base_model=str(base_path)
+        model,
+        tokenizer,
+        conversations,
+        run_dir,
+        config,
+        resume_from=checkpoint,
+        base_model=str(base_path),
+        replay=replay,
     )
     _barrier()
     return result
