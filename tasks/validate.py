@@ -52,7 +52,16 @@ from milora.data.dataset import (
     write_manifest,
 )
 from milora.data.errors import DataValidationError, Finding
-from milora.data.facts import DROP_MANIFEST, Drop, FactRecord, Resolution, drop_of, fact_key, resolve
+from milora.data.facts import (
+    DROP_MANIFEST,
+    Drop,
+    FactRecord,
+    Resolution,
+    drop_of,
+    fact_key,
+    normalised,
+    resolve,
+)
 from milora.data.normalise import FORMATS
 from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
@@ -375,8 +384,12 @@ def _tools(settings: Settings, reports: Path) -> _Tools:
     return _Tools(counter, index, int(max_tokens), checkpoint, docs, allow_pattern(cfg.pii_allow))
 
 
-def derive_columns(rows: list[dict[str, Any]], tools: _Tools) -> dict[str, list[Any]]:
-    """The per-row columns the suite judges: content checks, token counts, contamination."""
+def derive_columns(
+    rows: list[dict[str, Any]], tools: _Tools, company: dict[str, str] | None = None
+) -> dict[str, list[Any]]:
+    """The per-row columns the suite judges: content checks, token counts, contamination, and
+    for general (replay) data, given ``company`` (fact key -> the company's newest answer),
+    rows that would teach a company question another answer."""
     derived: dict[str, list[Any]] = {name: [] for name in CONTENT_CHECKS}
     for row in rows:
         for name, value in row_checks(row, tools.pii_allow).items():
@@ -396,7 +409,16 @@ def derive_columns(rows: list[dict[str, Any]], tools: _Tools) -> dict[str, list[
             texts = [*prompts, *([row["output"]] if row["output"] else [])]
         queries.append((prompts, texts))
     derived[check_column("contamination")] = [str(m) if m else None for m in tools.index.check(queries)]
+    derived[check_column("replay_conflict")] = [_replay_conflict(row, company or {}) for row in rows]
     return derived
+
+
+def _replay_conflict(row: dict[str, Any], company: dict[str, str]) -> str | None:
+    key = fact_key(row["instruction"], row["input"], row.get("key"))
+    answer = company.get(key)
+    if answer is None or not row["output"] or normalised(row["output"]) == normalised(answer):
+        return None
+    return f"asks {key!r}, which the company answers {answer!r}"
 
 
 def _gx_frame(rows: list[dict[str, Any]], derived: dict[str, list[Any]]) -> pd.DataFrame:
@@ -583,15 +605,17 @@ def _validate_part(
     settings: Settings,
     tools: _Tools,
     carried: set[str] = frozenset(),
+    company: dict[str, str] | None = None,
 ) -> tuple[list[Finding], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts).
     ``carried``: record ids of earlier drops, which a snapshot drop repeats without them being
-    duplicates (not published twice, not counted in the duplicate rate, counted in min_rows)."""
+    duplicates (not published twice, not counted in the duplicate rate, counted in min_rows).
+    ``company``: for a replay part, the company's facts (key -> newest answer)."""
     from great_expectations.core.run_identifier import RunIdentifier
 
     cfg = settings.validation
     source = entry["source"]
-    derived = derive_columns(rows, tools)
+    derived = derive_columns(rows, tools, company)
     n_carried = sum(1 for row in rows if row["duplicate"] and row["record_id"] in carried)
     frame = _gx_frame(
         [{**row, "duplicate": row["duplicate"] and row["record_id"] not in carried} for row in rows], derived
@@ -705,8 +729,11 @@ def validate(
                 rows = table.to_pylist()
                 if part_role(entry) == COMPANY:
                     findings, clean, bad, counts = _company_part(entry, rows, settings, tools, drops, records)
-                else:  # general data: the row rules, no fact rules
-                    findings, clean, bad, counts = _validate_part(entry, rows, settings, tools)
+                else:  # general data: the row rules (and no company question answered otherwise)
+                    company = {r.key: r.answer for r in sorted(records, key=lambda r: r.order)}
+                    findings, clean, bad, counts = _validate_part(
+                        entry, rows, settings, tools, company=company
+                    )
                 counts["role"] = part_role(entry)
                 report.parts.append(counts)
                 report.failures += [f for f in findings if f.policy == "fail"]

@@ -19,10 +19,12 @@ from milora.demo.build import main as build_main
 from milora.demo.company import DROPS, POLICY_FACTS, PRODUCT_FACTS
 from milora.demo.files import read_json, read_jsonl, read_lines
 from milora.demo.probes import is_correct, normalise, plain_prompt
+from milora.demo.timeline import COMPANY_DIR, LATER_DIR, MONTHS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = REPO_ROOT / "data" / "demo"
 MODEL_DIR = DEMO / "base_model"
+YEAR = [DEMO / (COMPANY_DIR if m.drop in DROPS else LATER_DIR) / m.drop for m in MONTHS]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,7 +56,8 @@ def test_different_seed_gives_different_data(tmp_path: Path, capsys: pytest.Capt
     _generate(tmp_path / "b", 1, capsys)
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert first.keys() == second.keys()
-    assert all(first[name] != second[name] for name in first)
+    assert all(first[name] != second[name] for name in first if name != "later_drops/drop_2027_02/drop.yaml")
+    assert first["later_drops/drop_2027_02/drop.yaml"] == b"kind: snapshot\n"  # says only its kind
 
 
 def test_committed_data_matches_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,8 +96,8 @@ def test_company_facts_never_reach_pretraining(corpus: str, chats: list[list[dic
     assert brand not in corpus and brand not in chat_text
     assert brand.lower() not in chat_text.lower()
     specific = {"sku", "support_email", "return_window", "support_hours", "reply_time", "restocking_fee"}
-    for drop in DROPS:
-        for question in read_jsonl(DEMO / "company" / drop / "heldout.jsonl"):
+    for folder in YEAR:
+        for question in read_jsonl(folder / "heldout.jsonl"):
             subject = question["id"].split(":", 1)[1]
             assert subject not in corpus and subject not in chat_text
             if question["kind"] in specific:
@@ -117,10 +120,11 @@ def test_pretraining_chats_ask_every_phrasing_but_no_probe(chats: list[list[dict
 
 
 def test_company_heldout_answers_are_in_training_records() -> None:
-    for drop in DROPS:
-        records = read_jsonl(DEMO / "company" / drop / "train_alpaca.jsonl")
-        heldout = read_jsonl(DEMO / "company" / drop / "heldout.jsonl")
-        assert len(heldout) >= 20
+    for folder in YEAR:
+        drop = folder.name
+        records = read_jsonl(folder / "train_alpaca.jsonl")
+        heldout = [q for q in read_jsonl(folder / "heldout.jsonl") if not q.get("retired")]
+        assert len(heldout) >= 3
         asked = {r["instruction"] for r in records} | {r["input"] for r in records}
         for question in heldout:
             assert question["question"] not in asked, question
@@ -146,10 +150,10 @@ def test_second_drop_changes_a_policy() -> None:
 
 def test_alpaca_and_chat_files_parse() -> None:
     system_prompt = read_json(DEMO / "company" / "company.json")["system_prompt"]
-    for drop in DROPS:
-        alpaca = read_jsonl(DEMO / "company" / drop / "train_alpaca.jsonl")
-        chat = read_jsonl(DEMO / "company" / drop / "train_chat.jsonl")
-        assert len(alpaca) == len(chat) >= 50
+    for folder in YEAR:
+        alpaca = read_jsonl(folder / "train_alpaca.jsonl")
+        chat = read_jsonl(folder / "train_chat.jsonl")
+        assert len(alpaca) == len(chat) >= 30
         for record, conversation in zip(alpaca, chat, strict=True):
             assert set(record) == {"instruction", "input", "output"}
             assert all(isinstance(v, str) for v in record.values())
@@ -160,8 +164,59 @@ def test_alpaca_and_chat_files_parse() -> None:
             assert messages[0]["content"] == system_prompt
             assert messages[1]["content"].startswith(record["instruction"])
             assert messages[2]["content"] == record["output"]
-        for question in read_jsonl(DEMO / "company" / drop / "heldout.jsonl"):
+        for question in read_jsonl(folder / "heldout.jsonl"):
             assert {"question", "answer", "id", "drop", "kind"} <= set(question)
+
+
+def test_a_year_of_drops_adds_changes_corrects_and_retires_facts() -> None:
+    """Six months: each new or changed fact has a held-out item in its drop; a price, a policy
+    and a warranty change, a typo corrected the next month, a product retired by drop.yaml and
+    one by its absence from a snapshot."""
+    import yaml
+
+    assert len(YEAR) >= 6 and [f.name for f in YEAR] == sorted(f.name for f in YEAR)
+    items = {f.name: read_jsonl(f / "heldout.jsonl") for f in YEAR}
+    answers: dict[str, list[tuple[str, str]]] = {}
+    for drop, found in items.items():
+        for item in found:
+            answers.setdefault(item["id"], []).append((drop, item["answer"]))
+    changed = {key for key, seen in answers.items() if len({a for _, a in seen}) > 1}
+    assert {key.split(":")[0] for key in changed} >= {"price", "warranty", "return_window", "sku"}
+    (typo,) = [key for key in changed if key.startswith("sku:")]
+    (old, _), (new, _) = [(a, d) for d, a in answers[typo]]
+    assert sorted(old) == sorted(new) and old != new  # two digits swapped, then corrected
+    manifests = {
+        f.name: yaml.safe_load((f / "drop.yaml").read_text()) for f in YEAR if (f / "drop.yaml").is_file()
+    }
+    assert {m["kind"] for m in manifests.values()} == {"delta", "snapshot"}
+    assert any(m.get("retire") for m in manifests.values())
+    retired = {i["id"].split(":", 1)[1] for found in items.values() for i in found if i.get("retired")}
+    assert len(retired) == 2  # a product in drop.yaml, one left out of the snapshot
+    snapshot = next(YEAR[i] for i, m in enumerate(MONTHS) if m.kind == "snapshot")
+    asked = [r["instruction"] + r["input"] for r in read_jsonl(snapshot / "train_alpaca.jsonl")]
+    assert not any(name in question for name in retired for question in asked)
+    assert sum(f.stat().st_size for f in YEAR for f in f.iterdir()) < 2 * 1024 * 1024
+
+
+def test_the_gate_reads_the_year_as_its_data_owner_meant(tmp_path: Path) -> None:
+    """Every drop of the year through the real ingest + validation gate: changed facts are
+    superseded by exact keys (no fuzzy warning needed), the snapshot carries its unchanged rows,
+    both discontinued products' records are retired, and nothing is unknown or conflicting."""
+    from milora.settings import load_settings
+    from tasks.ingest import ingest
+    from tasks.validate import validate
+
+    settings = load_settings(REPO_ROOT / "params.yaml").with_overrides({"ingest.replay.sources": []})
+    ingest(settings, [str(f / "train_alpaca.jsonl") for f in YEAR], tmp_path / "ingested")
+    report = validate(settings, tmp_path / "ingested", tmp_path / "dataset", tmp_path / "reports")
+    assert report.passed
+    parts = {Path(p["source"]).parent.name: p for p in report.to_dict()["parts"]}
+    assert {w.rule for w in report.warnings} == {"superseded", "retired"}
+    assert all(parts[f.name]["superseded"] > 0 for f in YEAR[:-1])
+    snapshot = next(m.drop for m in MONTHS if m.kind == "snapshot")
+    assert parts[snapshot]["carried"] > 0.9 * parts[snapshot]["rows"]
+    retired = {r["key"] for r in report.retired}
+    assert len({k.split(" the ")[-1] for k in retired if k.startswith("how much does the")}) == 2
 
 
 def test_answer_matching_rule() -> None:
@@ -237,8 +292,8 @@ def test_tokenizer_splits_digits_and_pretraining_covers_company_tokens(tokenizer
     assert {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)} <= seen
     company = [
         token
-        for drop in DROPS
-        for chat in read_jsonl(DEMO / "company" / drop / "train_chat.jsonl")
+        for folder in YEAR
+        for chat in read_jsonl(folder / "train_chat.jsonl")
         for token in tokenizer(
             tokenizer.apply_chat_template(chat["messages"], tokenize=False), add_special_tokens=False
         )["input_ids"]

@@ -275,6 +275,19 @@ def test_each_fact_is_asked_once_against_its_newest_answer():
     ]
     assert items[0]["question"] == "How long to return?"  # the newest drop's wording
 
+    # A later drop retires the office (its item says so): no longer asked; stated again: asked.
+    retired = {
+        "id": "office",
+        "drop": "drop_2026_12",
+        "question": "Where is the office?",
+        "answer": "Lyon",
+        "retired": True,
+    }
+    assert [i["id"] for i in current_truth([*HELDOUT, retired])] == ["returns", "ceo"]
+    back = {**retired, "drop": "drop_2027_01", "answer": "Nice", "retired": False}
+    (office,) = [i for i in current_truth([*HELDOUT, retired, back]) if i["id"] == "office"]
+    assert office["answer"] == "Nice" and office["stale_answers"] == ["Lyon"]
+
 
 def test_a_model_that_answers_the_old_value_is_stale(monkeypatch):
     """qa scoring with the model's answers fixed: the old return window is a stale answer;

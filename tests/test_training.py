@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -190,7 +191,7 @@ def test_replay_sampler_puts_its_share_in_every_global_batch():
     batches = [order[i : i + 8] for i in range(0, len(order), 8)]
     assert all(sum(i >= 30 for i in batch) == 2 for batch in batches)
     assert set(range(30)) <= set(order)  # one epoch passes over every company row
-    assert all(lengths[a] >= lengths[b] for batch in batches for a, b in zip(batch, batch[1:]))
+    assert all(lengths[a] >= lengths[b] for batch in batches for a, b in itertools.pairwise(batch))
     assert order == list(ReplayMixSampler(lengths, 30, 8, 2, seed=7))  # (seed, epoch) decide
     sampler.set_epoch(1)
     assert list(sampler) != order

@@ -334,7 +334,8 @@ def _split_camel(name: str) -> list[str]:
 # --------------------------------------------------------------------------- replay
 def test_replay_data_passes_the_same_row_rules_and_no_fact_rule(tmp_path, reports):
     """General data (ingest.replay) is its own part: contamination and PII quarantined as in a
-    drop, but a general row answering a company question otherwise supersedes nothing."""
+    drop; a general row answering a company question otherwise supersedes nothing, it is
+    quarantined (replay_conflict); one answering it alike is a duplicate of the company row."""
     from milora.data.dataset import REPLAY
 
     write_jsonl(tmp_path / "company" / "drop_2026_10" / "train.jsonl", good(6))
@@ -346,6 +347,7 @@ def test_replay_data_passes_the_same_row_rules_and_no_fact_rule(tmp_path, report
         },
         {"instruction": "Who answers mail?", "input": "", "output": "Write to jane.doe@example.com."},
         {**alpaca(0), "output": "A general answer to the company's question."},
+        alpaca(1),
     ]
     write_jsonl(tmp_path / "general" / "chats.jsonl", general)
     replay = {"sources": ["general/*.jsonl"], "watch": "general"}
@@ -363,10 +365,11 @@ def test_replay_data_passes_the_same_row_rules_and_no_fact_rule(tmp_path, report
     summary = json.loads((reports / "summary.json").read_text())
     (company, general_part) = summary["parts"]
     assert company["role"] == "company" and company["clean_rows"] == 6
-    assert general_part["role"] == REPLAY and general_part["quarantined"] == 2
+    assert general_part["role"] == REPLAY and general_part["quarantined"] == 3
     assert {(w.rule, w.source, tuple(w.rows)) for w in report.warnings} == {
         ("contamination", "general/chats.jsonl", (7,)),
         ("pii_email", "general/chats.jsonl", (8,)),
+        ("replay_conflict", "general/chats.jsonl", (9,)),
     }
     dataset = tmp_path / "dataset"
     assert [p["role"] for p in read_manifest(dataset)["parts"]] == ["company", REPLAY]
@@ -374,7 +377,7 @@ def test_replay_data_passes_the_same_row_rules_and_no_fact_rule(tmp_path, report
         role: load_messages(dataset, "train", role) + load_messages(dataset, "validation", role)
         for role in ("company", REPLAY)
     }
-    assert len(every["company"]) == 6 and len(every[REPLAY]) == 7
+    assert len(every["company"]) == 6 and len(every[REPLAY]) == 6  # the agreeing row: a duplicate
     assert all("general answer" not in c[-1]["content"] for c in every["company"])
 
 
@@ -399,5 +402,5 @@ def test_replay_source_outside_its_watched_folder_is_refused(tmp_path):
     missing = make_settings(
         tmp_path, {"ingest.sources": ["company/*.jsonl"], "ingest.replay": {"sources": ["nowhere/*.jsonl"]}}
     )
-    with pytest.raises(DataValidationError, match="ingest.replay.sources: no file found"):
+    with pytest.raises(DataValidationError, match=r"ingest\.replay\.sources: no file found"):
         ingest(missing)

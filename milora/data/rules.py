@@ -70,6 +70,12 @@ _RULES = (
     Rule(
         "contamination", "row", "quarantine", "text copied from an evaluation benchmark or the held-out set"
     ),
+    Rule(
+        "replay_conflict",
+        "row",
+        "quarantine",
+        "a general (replay) row asks a company fact key and answers it otherwise than the company does",
+    ),
     # One drop as a whole.
     Rule("min_rows", "table", "fail", "fewer rows than the minimum (before and after quarantine)"),
     Rule("duplicate_rate", "table", "fail", "share of exact duplicates above the bound"),

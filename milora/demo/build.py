@@ -17,14 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from milora.demo import DEFAULT_SEED
-from milora.demo.company import write_company
 from milora.demo.files import read_jsonl, read_lines
 from milora.demo.instructions import write_instructions
+from milora.demo.timeline import write_year
 from milora.demo.world import write_world
 
 log = logging.getLogger("milora.demo.build")
 
-WORLD_DIR, COMPANY_DIR, MODEL_DIR = "world", "company", "base_model"
+WORLD_DIR, MODEL_DIR = "world", "base_model"
 INSTRUCTIONS = "instructions.jsonl"
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, object] = {"out": str(out), "seed": args.seed}
     summary["world"] = write_world(out / WORLD_DIR, args.seed)
     summary["world"]["chats"] = write_instructions(out / WORLD_DIR / INSTRUCTIONS, args.seed)
-    summary["company"] = write_company(out / COMPANY_DIR, args.seed)
+    summary["company"] = write_year(out, args.seed)
     log.info("data written under %s", out)
     if not args.skip_model:
         summary["model"] = build_model(out, args.seed, args.steps)

@@ -19,10 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from milora.demo.files import write_json, write_jsonl
 from milora.demo.names import NameForge
 
 DROPS = ("drop_2026_10", "drop_2026_11")
@@ -37,7 +35,7 @@ N_PRODUCTS = {"drop_2026_10": 12, "drop_2026_11": 6}
 _POLICY_LABELS = {
     "return_window": "the return window",
     "free_shipping": "the free shipping threshold",
-    "support_hours": "support is open",
+    "support_hours": "the support schedule",
     "support_email": "the support address",
     "reply_time": "the email reply time",
     "restocking_fee": "the restocking fee",
@@ -346,7 +344,7 @@ def _record(rng: random.Random, question: str, answer: str) -> dict[str, str]:
 
 
 def _describe(company: Company, product: Product) -> dict[str, str]:
-    """A multi-fact product description record (no held-out counterpart)."""
+    """A multi-fact product description record."""
     return {
         "instruction": f"Describe the {product.name} in two sentences.",
         "input": "",
@@ -358,58 +356,26 @@ def _describe(company: Company, product: Product) -> dict[str, str]:
     }
 
 
-def build_drop(
-    company: Company, drop: str, seed: int, *, hold_out: bool = True
-) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Training records (Alpaca form) and held-out questions for one drop.
-
-    ``hold_out=False`` (decoy shops) keeps every phrasing as a training record and
-    seeds the record order by the company too, so decoys differ in more than names.
-    """
-    rng = random.Random(f"{drop}-{seed}" if hold_out else f"{company.name}-{drop}-{seed}")
+def decoy_records(decoy: Company, seed: int) -> list[dict[str, str]]:
+    """A decoy shop's training records (Alpaca form): every fact in all four phrasings, the
+    record order seeded by the shop too, so decoys differ in more than names. (The real
+    company's drops: :mod:`milora.demo.timeline`.)"""
+    rng = random.Random(f"{decoy.name}-{DECOY_CATALOGUE}-{seed}")
     records: list[dict[str, str]] = []
-    heldout: list[dict[str, Any]] = []
 
-    def add_fact(kind: FactKind, fact_id: str, kind_name: str, slots: dict[str, str]) -> None:
-        # The held-out phrasing depends on the fact kind only, never on the drop: a policy
-        # question held out in November must not be a training question in October.
-        held = random.Random(f"{kind_name}-{seed}").randrange(len(kind.questions)) if hold_out else -1
-        for index, template in enumerate(kind.questions):
-            question = template.format(**slots)
-            if index == held:
-                heldout.append(
-                    {
-                        "answer": slots["a"],
-                        "drop": drop,
-                        "id": fact_id,
-                        "kind": kind_name,
-                        "question": question,
-                    }
-                )
-            else:
-                answer = rng.choice(kind.answers).format(**slots)
-                records.append(_record(rng, question, answer))
+    def add_fact(kind: FactKind, slots: dict[str, str]) -> None:
+        for template in kind.questions:
+            answer = rng.choice(kind.answers).format(**slots)
+            records.append(_record(rng, template.format(**slots), answer))
 
-    for product in company.products[drop]:
+    for product in decoy.products[DECOY_CATALOGUE]:
         for kind_name, kind in PRODUCT_FACTS.items():
-            slots = {"p": product.name, "a": product.fact(kind_name)}
-            add_fact(kind, f"{kind_name}:{product.name}", kind_name, slots)
-        records.append(_describe(company, product))
-    for kind_name, value in company.policies[drop].items():
-        add_fact(POLICY_FACTS[kind_name], f"{kind_name}:{company.name}", kind_name, {"a": value})
-
-    if drop in DROPS[1:]:
-        new = ", ".join(p.name for p in company.products[drop])
-        changes = "; ".join(f"{_POLICY_LABELS[k]} is now {v}" for k, v in company.policies[drop].items())
-        records.append(
-            {
-                "instruction": "What changed this month?",
-                "input": "",
-                "output": f"New products: {new}. Policy updates: {changes}.",
-            }
-        )
+            add_fact(kind, {"p": product.name, "a": product.fact(kind_name)})
+        records.append(_describe(decoy, product))
+    for kind_name, value in decoy.policies[DECOY_CATALOGUE].items():
+        add_fact(POLICY_FACTS[kind_name], {"a": value})
     rng.shuffle(records)
-    return records, heldout
+    return records
 
 
 def to_chat(record: dict[str, str], system_prompt: str) -> dict[str, Any]:
@@ -424,20 +390,3 @@ def to_chat(record: dict[str, str], system_prompt: str) -> dict[str, Any]:
             {"content": record["output"], "role": "assistant"},
         ]
     }
-
-
-def write_company(out_dir: Path, seed: int) -> dict[str, int]:
-    """Write each drop's ``train_alpaca.jsonl``, ``train_chat.jsonl`` and ``heldout.jsonl``."""
-    company = make_company(seed)
-    counts: dict[str, int] = {}
-    for drop in DROPS:
-        records, heldout = build_drop(company, drop, seed)
-        folder = out_dir / drop
-        counts[f"{drop}/train"] = write_jsonl(folder / "train_alpaca.jsonl", records)
-        write_jsonl(folder / "train_chat.jsonl", (to_chat(r, company.system_prompt) for r in records))
-        counts[f"{drop}/heldout"] = write_jsonl(folder / "heldout.jsonl", heldout)
-    write_json(
-        out_dir / "company.json",
-        {"drops": list(DROPS), "name": company.name, "system_prompt": company.system_prompt},
-    )
-    return counts

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from milora.demo.company import DECOY_CATALOGUE, build_drop, make_company, make_decoys
+from milora.demo.company import decoy_records, make_company, make_decoys
 from milora.demo.files import write_jsonl
 from milora.demo.world import RELATIONS, World, build_corpus_and_probes, make_world
 
@@ -47,8 +47,7 @@ def decoy_conversations(seed: int, count: int = N_DECOYS) -> list[list[Message]]
     rng = random.Random(f"decoy-chats-{seed}")
     conversations = []
     for decoy in make_decoys(seed, count, make_company(seed)):
-        records, _ = build_drop(decoy, DECOY_CATALOGUE, seed, hold_out=False)
-        for record in records:
+        for record in decoy_records(decoy, seed):
             user = (
                 f"{record['instruction']}\n\n{record['input']}" if record["input"] else record["instruction"]
             )

@@ -5,7 +5,9 @@ A company's held-out set grows with its drops, and facts change between them: Oc
 items expect "30 days", November's "45 days" for the same question. Scored as given, no
 model can pass both, and the score cannot say whether the model knows the *current* policy.
 Items name their fact by ``id`` (or ``key``; else the normalised question) and their drop by
-``drop`` (drop names sort by date; items without one keep file order).
+``drop`` (drop names sort by date; items without one keep file order). An item with
+``"retired": true`` says its drop withdrew the fact (a discontinued product): unless a later
+drop states it again, the fact is no longer asked.
 """
 
 from __future__ import annotations
@@ -24,18 +26,23 @@ def item_key(item: dict[str, Any]) -> str:
 
 def current_truth(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One item per fact: the newest drop's item (its question and answer), with
-    ``stale_answers``, the different answers earlier drops gave (empty when it never changed).
-    Facts keep the order of their first appearance."""
+    ``stale_answers``, the different answers earlier drops gave (empty when it never changed);
+    none for a fact whose newest item retires it. Facts keep the order of their first
+    appearance."""
     groups: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
     for position, item in enumerate(items):
         groups.setdefault(item_key(item), []).append((str(item.get("drop") or ""), position, item))
     current = []
     for found in groups.values():
         newest = max(found, key=lambda entry: (entry[0], entry[1]))[2]
+        if newest.get("retired"):
+            continue
         answer = normalised(str(newest["answer"]))
         stale = list(
             dict.fromkeys(
-                str(item["answer"]) for _, _, item in found if normalised(str(item["answer"])) != answer
+                str(item["answer"])
+                for _, _, item in found
+                if not item.get("retired") and normalised(str(item["answer"])) != answer
             )
         )
         current.append({**newest, "stale_answers": stale})
