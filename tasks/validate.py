@@ -76,6 +76,10 @@ SUITE = "milora_ingest"
 CHECKPOINT = "milora_ingest_gate"
 DATASOURCE, ASSET, BATCH = "milora", "ingested_rows", "whole_dataframe"
 VALIDATION = "milora_ingest_rows"
+# The facts of all drops, after supersession: one row per clean company record, so Data Docs
+# list each superseded or retired record with its key, both answers and both drops.
+FACTS_SUITE, FACTS_VALIDATION, FACTS_CHECKPOINT = "milora_facts", "milora_facts_rows", "milora_facts_report"
+FACT_COLUMNS = ["source", "source_row", "drop", "key", "answer", "superseded_by", "retired_by"]
 OUTPUT_VARIABLE = "MILORA_GX_OUTPUT"
 GX_COLUMNS = ["record_id", "split", "format", "source", "source_row", "duplicate", "n_tokens"] + [
     check_column(rule) for rule in CHECK_RULES
@@ -98,6 +102,16 @@ def _suite_spec() -> list[tuple[str, dict[str, Any], str]]:
     ]  # fmt: skip
     spec += [("ExpectColumnValuesToBeNull", {"column": check_column(rule)}, rule) for rule in CHECK_RULES]
     return spec
+
+
+def _facts_spec() -> list[tuple[str, dict[str, Any], str]]:
+    """(expectation class, kwargs, rule) of the facts suite: ``mostly: 0`` makes them reports,
+    not gates (the fact rules' policies decide), so Data Docs show every changed fact."""
+    return [
+        ("ExpectTableColumnsToMatchSet", {"column_set": FACT_COLUMNS}, "dataset_contract"),
+        ("ExpectColumnValuesToBeNull", {"column": "superseded_by", "mostly": 0.0}, "superseded"),
+        ("ExpectColumnValuesToBeNull", {"column": "retired_by", "mostly": 0.0}, "retired"),
+    ]
 
 
 _GX_YAML = """\
@@ -204,33 +218,35 @@ def build_gx_project(gx_dir: Path, output_dir: Path) -> Path:
         if BATCH in names
         else asset.add_batch_definition_whole_dataframe(BATCH)
     )
-    expectations = [
-        getattr(gxe, class_name)(**kwargs, meta={"rule": rule}, notes=RULES[rule].meaning)
-        for class_name, kwargs, rule in _suite_spec()
-    ]
-    suite = _suite(
-        context, expectations, {"notes": "Rules of milora.data.rules; see README 'Bring your own data'."}
-    )
-    try:
-        definition = context.validation_definitions.get(VALIDATION)
-    except Exception:  # not there yet
-        definition = None
-    if definition is None or definition.suite.name != SUITE or definition.batch_definition.name != BATCH:
-        definition = context.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=VALIDATION, data=batch, suite=suite)
+    for name, spec, validation, checkpoint, notes, index in (
+        (SUITE, _suite_spec(), VALIDATION, CHECKPOINT, "Rules of milora.data.rules; see README 'Bring your own data'.", ["source_row"]),
+        (FACTS_SUITE, _facts_spec(), FACTS_VALIDATION, FACTS_CHECKPOINT, "Facts a later drop changed or retired (milora.data.facts).", ["source", "source_row", "key"]),
+    ):  # fmt: skip
+        expectations = [
+            getattr(gxe, class_name)(**kwargs, meta={"rule": rule}, notes=RULES[rule].meaning)
+            for class_name, kwargs, rule in spec
+        ]
+        suite = _suite(context, name, expectations, {"notes": notes})
+        try:
+            definition = context.validation_definitions.get(validation)
+        except Exception:  # not there yet
+            definition = None
+        if definition is None or definition.suite.name != name or definition.batch_definition.name != BATCH:
+            definition = context.validation_definitions.add_or_update(
+                gx.ValidationDefinition(name=validation, data=batch, suite=suite)
+            )
+        context.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=checkpoint,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index},
+            )
         )
-    context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=CHECKPOINT,
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]},
-        )
-    )
     return gx_dir
 
 
-def _suite(context: Any, expectations: list[Any], meta: dict[str, Any]) -> Any:
+def _suite(context: Any, name: str, expectations: list[Any], meta: dict[str, Any]) -> Any:
     """The stored suite when it already says the same, else a rewritten one.
 
     Keeping it avoids id churn in the committed JSON. (A suite object is only built for a
@@ -242,14 +258,14 @@ def _suite(context: Any, expectations: list[Any], meta: dict[str, Any]) -> Any:
         return [{k: v for k, v in e.configuration.to_json_dict().items() if k != "id"} for e in items]
 
     try:
-        stored = context.suites.get(SUITE)
+        stored = context.suites.get(name)
     except Exception:  # not there yet
         stored = None
     if stored is not None:
         notes = {k: v for k, v in stored.meta.items() if k != "great_expectations_version"}
         if notes == meta and content(stored.expectations) == content(expectations):
             return stored
-    return context.suites.add_or_update(gx.ExpectationSuite(name=SUITE, expectations=expectations, meta=meta))
+    return context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations, meta=meta))
 
 
 # --------------------------------------------------------------------------- results
@@ -336,6 +352,7 @@ class _Tools:
     index: BenchmarkIndex
     max_tokens: int
     checkpoint: Any
+    facts_checkpoint: Any
     data_docs: Path
     pii_allow: re.Pattern[str] | None
 
@@ -374,14 +391,16 @@ def _tools(settings: Settings, reports: Path) -> _Tools:
         files, settings.root, cache, contamination.ngram, contamination.max_item_frequency
     )
     context = gx_context(settings.path(cfg.gx_dir), reports / "gx")
-    try:
-        checkpoint = context.checkpoints.get(CHECKPOINT)
-    except Exception as error:
-        raise SettingsError(
-            f"validate.gx_dir: checkpoint {CHECKPOINT!r} not found ({error}); run --init-gx"
-        ) from None
+    checkpoints = []
+    for name in (CHECKPOINT, FACTS_CHECKPOINT):
+        try:
+            checkpoints.append(context.checkpoints.get(name))
+        except Exception as error:
+            raise SettingsError(
+                f"validate.gx_dir: checkpoint {name!r} not found ({error}); run --init-gx"
+            ) from None
     docs = reports / "gx" / "data_docs" / "index.html"
-    return _Tools(counter, index, int(max_tokens), checkpoint, docs, allow_pattern(cfg.pii_allow))
+    return _Tools(counter, index, int(max_tokens), *checkpoints, docs, allow_pattern(cfg.pii_allow))
 
 
 def derive_columns(
@@ -518,6 +537,32 @@ def _apply_facts(
         for reason in ("superseded", "retired"):
             counts[reason] = sum(1 for why in gone.values() if why == reason)
         counts["clean_rows"] = part["rows"] = len(kept)
+
+
+def _facts_docs(tools: _Tools, records: list[FactRecord], facts: Resolution) -> None:
+    """Every company record as a fact, with what superseded or retired it, through the facts
+    checkpoint: Data Docs list each changed fact beside the row rules' results."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    superseded, retired = facts.superseded, facts.retired
+    rows = []
+    for r in records:
+        s, t = superseded.get((r.source, r.row)), retired.get((r.source, r.row))
+        rows.append(
+            {
+                "source": r.source,
+                "source_row": r.row,
+                "drop": r.drop,
+                "key": r.key,
+                "answer": r.answer,
+                "superseded_by": f"{s.new_drop}: {s.new_answer!r} (was {s.old_answer!r})" if s else None,
+                "retired_by": f"{t.retired_by}: {t.how}" if t else None,
+            }
+        )
+    tools.facts_checkpoint.run(
+        batch_parameters={"dataframe": pd.DataFrame(rows, columns=FACT_COLUMNS)},
+        run_id=RunIdentifier(run_name="facts"),
+    )
 
 
 def _leaving(
@@ -762,7 +807,10 @@ def validate(
                 Drop(name, d["order"], d["kind"], tuple(d["retire"]), frozenset(d["keys"]))
                 for name, d in drops.items()
             ]
-            _apply_facts(resolve(records, described), report, parts, scratch, settings)
+            facts = resolve(records, described)
+            _apply_facts(facts, report, parts, scratch, settings)
+            if records:
+                _facts_docs(tools, records, facts)
             report.passed = not report.failures
             _write_summary(reports, report, settings.root)
             if not report.passed:

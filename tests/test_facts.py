@@ -206,6 +206,13 @@ def test_a_snapshot_drop_carries_unchanged_rows_and_retires_what_it_lacks(tmp_pa
         (5, 0, 0, 2),
     ]
     assert report.passed
+    # The GX Data Docs show both, from the facts suite beside the row rules' results.
+    docs = tmp_path / "reports" / "gx" / "data_docs"
+    (page,) = [p for p in (docs / "validations").rglob("*.html") if "milora_facts" in str(p)]
+    html = page.read_text()
+    assert "what does the kettle cost" in html and "absent from the snapshot" in html
+    assert "Our return window is 45 days." in html and "how many days do i have to return a product" in html
+    assert "milora_facts" in (docs / "index.html").read_text()
 
 
 def test_a_drop_retires_keys_it_lists_and_names_unknown_ones(tmp_path):

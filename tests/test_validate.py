@@ -18,7 +18,17 @@ from milora.data.dataset import load_messages, read_manifest
 from milora.data.errors import DataValidationError, Finding
 from tasks import run_command
 from tasks.ingest import ingest
-from tasks.validate import GX_COLUMNS, SUITE, _suite_spec, check_files, main, validate
+from tasks.validate import (
+    FACT_COLUMNS,
+    FACTS_SUITE,
+    GX_COLUMNS,
+    SUITE,
+    _facts_spec,
+    _suite_spec,
+    check_files,
+    main,
+    validate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -309,20 +319,23 @@ def test_warn_policy_keeps_rows(tmp_path, reports):
     )
 
 
-def test_committed_suite_matches_the_rules():
-    """The suite in gx/ is the one the code describes (regenerate with --init-gx)."""
-    suite = json.loads((REPO / "gx" / "expectations" / f"{SUITE}.json").read_text())
+@pytest.mark.parametrize(
+    ("name", "spec", "columns"), [(SUITE, _suite_spec, GX_COLUMNS), (FACTS_SUITE, _facts_spec, FACT_COLUMNS)]
+)
+def test_committed_suite_matches_the_rules(name, spec, columns):
+    """The suites in gx/ are the ones the code describes (regenerate with --init-gx)."""
+    suite = json.loads((REPO / "gx" / "expectations" / f"{name}.json").read_text())
     committed = [
         (e["type"], {k: v for k, v in e["kwargs"].items()}, e["meta"]["rule"]) for e in suite["expectations"]
     ]
     expected = [
         ("expect_" + "_".join(w.lower() for w in _split_camel(name)[1:]), kwargs, rule)
-        for name, kwargs, rule in _suite_spec()
+        for name, kwargs, rule in spec()
     ]
     assert [(t, r) for t, _, r in committed] == [(t, r) for t, _, r in expected]
     for (_, got, _), (_, want, _) in zip(committed, expected, strict=True):
         assert {k: got[k] for k in want} == want
-    assert committed[0][1]["column_set"] == GX_COLUMNS
+    assert committed[0][1]["column_set"] == columns
 
 
 def _split_camel(name: str) -> list[str]:
