@@ -63,7 +63,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, float]]:
                     "compare.eval_every": args.eval_every,
                     "compare.suites": SUITES,
                     "compare.out_dir": str(out / f"replay-{share:g}"),
-                    f"train.profiles.{base.train.profile}.replay_share": share,
+                    "compare.replay_share": share,
                 }
             )
             started = time.perf_counter()

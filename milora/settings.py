@@ -321,6 +321,12 @@ class CompareSettings(Section):
     steps: int | None = Field(None, ge=1, description="optimiser steps per run; null: the profile's")
     eval_every: int = Field(50, ge=1, description="evaluate a snapshot every N steps (and at the end)")
     learning_rate: float | None = Field(None, gt=0, description="shared by every method; null: profile's")
+    replay_share: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="share of each batch from ingest.replay; null: profile's (0: the method alone)",
+    )
     lr_sweep: list[float] = Field(
         default_factory=list, description="fairness check: these learning rates per method (empty: none)"
     )
@@ -358,7 +364,8 @@ class CompareSettings(Section):
         return value
 
     def hyperparameters(self, train: TrainSettings) -> TrainConfig:
-        """The profile every compared run starts from, with this section's steps and rate."""
+        """The profile every compared run starts from, with this section's steps, rate and
+        replay share."""
         from dataclasses import replace
 
         config = train._config(self.profile or train.profile)
@@ -366,6 +373,7 @@ class CompareSettings(Section):
             config,
             max_steps=self.steps or config.max_steps,
             learning_rate=self.learning_rate or config.learning_rate,
+            replay_share=config.replay_share if self.replay_share is None else self.replay_share,
         )
 
 

@@ -87,7 +87,7 @@ def compare_run(
         eval_cache_dir=settings.path(ev.cache_dir) if ev.cache_dir else None,
         batch_size=ev.batch_size,
         device=train.device,
-        replay=load_messages(folder, "train", REPLAY),
+        replay=load_messages(folder, "train", REPLAY) if config.replay_share else (),
     )
     return asdict(record)
 
