@@ -407,7 +407,7 @@ def derive_columns(
     rows: list[dict[str, Any]], tools: _Tools, company: dict[str, str] | None = None
 ) -> dict[str, list[Any]]:
     """The per-row columns the suite judges: content checks, token counts, contamination, and
-    for general (replay) data, given ``company`` (fact key -> the company's newest answer),
+    for general (replay) data, given ``company`` (a company question -> its newest answer),
     rows that would teach a company question another answer."""
     derived: dict[str, list[Any]] = {name: [] for name in CONTENT_CHECKS}
     for row in rows:
@@ -432,12 +432,22 @@ def derive_columns(
     return derived
 
 
+def company_question(row: dict[str, Any]) -> str:
+    """What a company record asks, without the wrapper instruction an export may put before it
+    ("Answer the customer's question." + the question as input)."""
+    return normalised(row["input"] or row["instruction"] or "")
+
+
 def _replay_conflict(row: dict[str, Any], company: dict[str, str]) -> str | None:
-    key = fact_key(row["instruction"], row["input"], row.get("key"))
-    answer = company.get(key)
-    if answer is None or not row["output"] or normalised(row["output"]) == normalised(answer):
+    """A general row any line of whose prompt is a company question, answered otherwise."""
+    if not company or not row["output"]:
         return None
-    return f"asks {key!r}, which the company answers {answer!r}"
+    lines = [line for text in (row["instruction"], row["input"]) if text for line in text.splitlines()]
+    for question in dict.fromkeys(normalised(line) for line in lines if line.strip()):
+        answer = company.get(question)
+        if answer is not None and normalised(answer) != normalised(row["output"]):
+            return f"asks {question!r}, which the company answers {answer!r}"
+    return None
 
 
 def _gx_frame(rows: list[dict[str, Any]], derived: dict[str, list[Any]]) -> pd.DataFrame:
@@ -655,7 +665,7 @@ def _validate_part(
     """Run the checkpoint on one part: (findings, clean rows, quarantined rows, counts).
     ``carried``: record ids of earlier drops, which a snapshot drop repeats without them being
     duplicates (not published twice, not counted in the duplicate rate, counted in min_rows).
-    ``company``: for a replay part, the company's facts (key -> newest answer)."""
+    ``company``: for a replay part, the company's questions and their newest answers."""
     from great_expectations.core.run_identifier import RunIdentifier
 
     cfg = settings.validation
@@ -761,6 +771,7 @@ def validate(
     report = ValidationReport(passed=False, data_docs=tools.data_docs)
     records: list[FactRecord] = []
     drops: dict[str, dict[str, Any]] = {}  # name -> info, order (reading order, oldest first), keys, ids
+    answers: dict[str, str] = {}  # company question -> its newest answer (replay rows must agree)
     target = claim(settings, publish_dir, "validate.dataset_dir") if publish else None
     scratch_parent = tempfile.TemporaryDirectory(prefix="milora-validate-")
     staging = atomic_directory(target, mark=True) if target else _plain(Path(scratch_parent.name) / "dataset")
@@ -774,10 +785,10 @@ def validate(
                 rows = table.to_pylist()
                 if part_role(entry) == COMPANY:
                     findings, clean, bad, counts = _company_part(entry, rows, settings, tools, drops, records)
-                else:  # general data: the row rules (and no company question answered otherwise)
-                    company = {r.key: r.answer for r in sorted(records, key=lambda r: r.order)}
+                    answers.update((company_question(r), r["output"]) for r in clean if r["output"])
+                else:  # general data: the row rules, and no company question answered otherwise
                     findings, clean, bad, counts = _validate_part(
-                        entry, rows, settings, tools, company=company
+                        entry, rows, settings, tools, company=answers
                     )
                 counts["role"] = part_role(entry)
                 report.parts.append(counts)

@@ -74,7 +74,7 @@ _RULES = (
         "replay_conflict",
         "row",
         "quarantine",
-        "a general (replay) row asks a company fact key and answers it otherwise than the company does",
+        "a general (replay) row asks a company question (a line of its prompt) and answers it otherwise",
     ),
     # One drop as a whole.
     Rule("min_rows", "table", "fail", "fewer rows than the minimum (before and after quarantine)"),
