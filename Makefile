@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run compare method-demo deploy test lint format bench demo-data clean experiments
+.PHONY: install run compare year method-demo deploy test lint format bench demo-data clean experiments
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ experiments:
 # 3 seeds each plus a learning-rate sweep, scored along training -> outputs/compare.
 compare: $(STAMP) $(DEMO_BASE)/config.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.compare
+
+# A year of scheduled retraining on the demo world: each monthly drop (data/demo/company,
+# then data/demo/later_drops) lands in a scratch copy of the project and the retrain flow
+# runs there -> outputs/year/table.md, table.csv, year.png. YEAR_ARGS="--months 2
+# --set train.profiles.demo.max_steps=20 --keep --keep-going".
+YEAR_ARGS ?=
+year: $(STAMP) $(DEMO_BASE)/config.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/year_simulation.py $(YEAR_ARGS)
 
 # The method alone: spectrum, MiLoRA init (cold, then from the cache), identity check,
 # plain-LoRA conversion, where the adapter sits in the spectrum.

@@ -17,6 +17,8 @@ committed, and ``python -m flows.retrain`` runs there with this interpreter, as 
 would. ``--set`` overrides are written into the copy's params.yaml before the first month
 (the flow has no ``--set``). Writes ``<out>/table.md``, ``<out>/table.csv``,
 ``<out>/year.png`` and each month's flow output in ``<out>/logs/``; prints the table.
+A failed month stops the year (exit 1) unless ``--keep-going``; its drop then stays in the
+watched folder, as a bad drop would until someone removes it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from milora.offline import OFFLINE_ENV  # noqa: E402
+from milora.records import RunStatus  # noqa: E402
 from milora.settings import SettingsError, load_settings  # noqa: E402
 
 logger = logging.getLogger("year_simulation")
@@ -55,7 +58,6 @@ NOT_COPIED = (".venv",)  # the interpreter stays where it is: the flow runs with
 NOT_COPIED_FILES = ("dvc.lock",)
 GIT_IDENTITY = ("-c", "user.email=year@example.invalid", "-c", "user.name=year-simulation")
 STAGES = ("ingest", "validate", "init", "train", "evaluate")
-PRIMARY_SUITE = "company"  # the gate's primary suite on the demo world (registry.gate.primary_suite)
 RETENTION_SUITE = "world_probes"  # what the base knew: forgetting = its drop
 NA = "n/a"
 
@@ -87,10 +89,6 @@ SHOWN = {
     "version": "version",
     "flow_s": "flow s",
 }
-
-
-class MonthFailedError(RuntimeError):
-    """A month's flow run failed (its last error line is the message)."""
 
 
 # --------------------------------------------------------------------------- the copy
@@ -129,8 +127,13 @@ def set_dotted(params: Path, overrides: dict[str, Any]) -> None:
     round-trip: DVC reads the same file, so the stages see exactly these values)."""
     from ruamel.yaml import YAML
 
-    yaml = YAML()  # round-trip
+    yaml = YAML()  # round-trip, in params.yaml's own layout: indented lists, null written out
     yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     data = yaml.load(params.read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
         node = data
@@ -166,9 +169,14 @@ def make_scratch(repo: Path, work: Path, overrides: dict[str, Any]) -> tuple[Pat
     settings = load_settings(project / "params.yaml")  # overrides checked here, with the key named
     watch = Path(settings.ingest.watch)
     if watch.is_absolute():
-        raise SettingsError(f"ingest.watch {watch} is absolute: the copy would train on the project's own folder")
+        raise SettingsError(
+            f"ingest.watch {watch} is absolute: the copy would train on the project's own folder"
+        )
     for folder in sorted((project / watch).glob("drop_*")):
-        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
     left = sorted(p.name for p in (project / watch).iterdir()) if (project / watch).is_dir() else []
     logger.info("watched folder %s now holds: %s", watch, ", ".join(left) or "nothing")
     (project / ".dvc" / "cache").mkdir(parents=True, exist_ok=True)  # DVC's default cache: in the copy
@@ -208,18 +216,36 @@ def month_folders(repo: Path, watch: Path, months: int | None) -> list[Path]:
     return found
 
 
+def snapshot(drops: Sequence[Path], folder: Path) -> list[Path]:
+    """The drops as they are now, copied aside: a generator still writing later drops, or
+    an edit to the project's drops, does not change the year halfway through."""
+    copies = []
+    for i, drop in enumerate(drops):
+        copy = folder / f"{i:03d}" / drop.name
+        shutil.copytree(drop, copy)
+        copies.append(copy)
+    return copies
+
+
 # --------------------------------------------------------------------------- a month
-def newest_record(project: Path, since: float) -> dict[str, Any] | None:
-    """The run record the flow wrote at or after ``since`` (epoch seconds), newest by time."""
+def newest_record(project: Path, before: set[str]) -> dict[str, Any] | None:
+    """The run record this month's flow wrote: the newest (by its time) of the records that
+    were not there ``before`` it ran."""
     records = []
     for path in (project / RUNS_DIR).glob("*.json"):
+        if path.name in before:
+            continue
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and float(record.get("time", 0)) >= since:
+        if isinstance(record, dict):
             records.append(record)
-    return max(records, key=lambda r: float(r["time"])) if records else None
+    return max(records, key=lambda r: float(r.get("time", 0))) if records else None
+
+
+def record_names(project: Path) -> set[str]:
+    return {path.name for path in (project / RUNS_DIR).glob("*.json")}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def short_gate(decision: dict[str, Any] | None) -> str | None:
+def short_gate(decision: dict[str, Any] | None, primary: str = "company") -> str | None:
     """``promoted: <why>`` / ``rejected: <first failed condition>`` in a few words."""
     if not decision:
         return None
@@ -249,11 +275,17 @@ def short_gate(decision: dict[str, Any] | None) -> str | None:
         why = failed[0]
     elif any(r.startswith("first model") for r in reasons):
         why = "first model"
-    else:
-        why = next((r for r in reasons if r.startswith(PRIMARY_SUITE)), reasons[0] if reasons else "")
-    why = re.sub(r":\s*(ok|FAILED)\b.*$", "", why).strip()
-    if len(why) > 90:
-        why = why[:87] + "..."
+    else:  # the primary suite against the champion (its stale-rate check is a floor, not the why)
+        ours = [r for r in reasons if r.startswith(primary)]
+        why = next(
+            (r for r in ours if "stale rate" not in r), ours[0] if ours else reasons[0] if reasons else ""
+        )
+    why = re.sub(r":\s*(ok|FAILED)\b.*$", "", why.split("; ")[0]).strip()
+    why = why.replace(" on the same items", "").replace(" paired items", " paired")
+    if len(why) > 100:
+        why = why[:97] + "..."
+    if len(failed) > 1:
+        why += f" (+{len(failed) - 1} more failed)"
     return f"{verdict}: {why}" if why else verdict
 
 
@@ -269,15 +301,17 @@ def error_line(log: Path, record: dict[str, Any] | None) -> str:
     return lines[-1] if lines else "no output"
 
 
-def month_row(month: str, project: Path, record: dict[str, Any] | None, flow_s: float, log: Path) -> dict[str, Any]:
+def month_row(
+    month: str, project: Path, record: dict[str, Any] | None, flow_s: float, log: Path
+) -> dict[str, Any]:
     """What a month's run did, from its run record (and the copy's stage outputs where the
     record does not hold a fact: training seconds, stale rate). Unknown stays None."""
     settings = load_settings(project / "params.yaml")
-    status = str(record.get("status")) if record else "failed"
+    status = str(record.get("status")) if record else RunStatus.FAILED
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(month=month, status=status, flow_s=round(flow_s, 1))
-    if record is None or status == "failed":
-        row["status"] = "failed"
+    if record is None or status == RunStatus.FAILED:
+        row["status"] = RunStatus.FAILED
         row["error"] = error_line(log, record)
         ran = (record or {}).get("stages") or {}
         row["stages_run"] = ", ".join(s for s, done in ran.items() if done) or "none"
@@ -288,19 +322,22 @@ def month_row(month: str, project: Path, record: dict[str, Any] | None, flow_s: 
     row["stages_run"] = None if ran is None else (", ".join(s for s, done in ran.items() if done) or "none")
     if ran and ran.get("train"):
         summary = read_json(settings.path(settings.train.run_dir) / "train_summary.json")
-        row["train_s"] = number(summary.get("seconds"))
-    if status not in ("no new data",):  # the workspace's evaluation is this month's model
+        seconds = number(summary.get("seconds"))
+        row["train_s"] = None if seconds is None else round(seconds, 1)
+    if status != RunStatus.NO_NEW_DATA:  # the workspace's evaluation is this month's model
+        primary = settings.registry.gate.primary_suite
         metrics = read_json(settings.path(settings.evaluation.out_dir) / "metrics.json")
-        company, world = suite_row(record, PRIMARY_SUITE), suite_row(record, RETENTION_SUITE)
-        row["company"] = number(company.get("adapter", metrics.get(PRIMARY_SUITE, {}).get("score")))
-        row["company_metric"] = company.get("metric") or settings.evaluation.suites.get(PRIMARY_SUITE, None) and (
-            settings.evaluation.suites[PRIMARY_SUITE].metric
+        company, world = suite_row(record, primary), suite_row(record, RETENTION_SUITE)
+        row["company"] = number(company.get("adapter", metrics.get(primary, {}).get("score")))
+        suite = settings.evaluation.suites.get(primary)
+        row["company_metric"] = company.get("metric") or (suite.metric if suite else None)
+        row["stale_rate"] = number(metrics.get(primary, {}).get("stale_rate"))
+        row["forgetting"] = number(
+            world.get("forgetting", metrics.get(RETENTION_SUITE, {}).get("forgetting"))
         )
-        row["stale_rate"] = number(metrics.get(PRIMARY_SUITE, {}).get("stale_rate"))
-        row["forgetting"] = number(world.get("forgetting", metrics.get(RETENTION_SUITE, {}).get("forgetting")))
     decision = record.get("decision")
-    row["gate"] = short_gate(decision)
-    row["gate_reasons"] = "; ".join(str(r) for r in (decision or {}).get("reasons") or []) or None
+    row["gate"] = short_gate(decision, settings.registry.gate.primary_suite)
+    row["gate_reasons"] = " | ".join(str(r) for r in (decision or {}).get("reasons") or []) or None
     registration = record.get("registration") or {}
     if registration.get("version") is not None:
         row["version"] = str(registration["version"]) + ("" if registration.get("new") else " (existing)")
@@ -313,7 +350,7 @@ def run_month(project: Path, watch: Path, drop: Path, env: dict[str, str], logs:
     shutil.copytree(drop, project / watch / month)
     commit(project, f"drop {month}")
     log = logs / f"{month}.log"
-    since = time.time() - 1  # record times are epoch seconds; names have one-second resolution
+    before = record_names(project)
     started = time.perf_counter()
     with log.open("w") as handle:
         done = subprocess.run(
@@ -325,14 +362,12 @@ def run_month(project: Path, watch: Path, drop: Path, env: dict[str, str], logs:
             check=False,
         )
     flow_s = time.perf_counter() - started
-    record = newest_record(project, since)
-    row = month_row(month, project, record if done.returncode == 0 or record else None, flow_s, log)
-    if done.returncode != 0:
-        row["status"] = "failed"
-        row["error"] = row["error"] or error_line(log, record)
-    # The run's own outputs (dvc.lock, nothing else git tracks) belong to the month's commit,
-    # as a scheduled run's would be committed before the next drop lands.
-    commit(project, f"retrain after {month}")
+    record = newest_record(project, before)
+    row = month_row(month, project, record, flow_s, log)
+    if done.returncode != 0 and row["status"] != RunStatus.FAILED:  # exited 1 after its record
+        row["status"] = RunStatus.FAILED
+        row["error"] = error_line(log, record)
+    # The run's dvc.lock goes into the next month's commit, with that month's drop.
     return row
 
 
@@ -358,18 +393,20 @@ def machine() -> str:
     return f"{platform.node()}, {os.cpu_count()} CPUs, {model or 'unknown CPU'}"
 
 
+NUMERIC = {"train_s": 1, "flow_s": 1, "company": 4, "stale_rate": 4, "forgetting": 4}  # digits shown
+
+
 def markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
-    seconds = {"train_s": 1, "flow_s": 1}
+    """The header line, then one table row per month (a failed month shows its error)."""
     lines = [header, "", "| " + " | ".join(SHOWN.values()) + " |"]
-    lines.append("|" + "|".join("---:" if k in (*seconds, "company", "stale_rate", "forgetting") else "---" for k in SHOWN) + "|")
+    lines.append("|" + "|".join("---:" if key in NUMERIC else "---" for key in SHOWN) + "|")
     for row in rows:
         cells = []
         for key in SHOWN:
             value = row.get(key)
-            if key == "gate" and row.get("status") == "failed":
+            if key == "gate" and row.get("status") == RunStatus.FAILED:
                 value = f"failed: {row.get('error') or NA}"
-            cell = shown(value, seconds.get(key, 4)).replace("|", "\\|").replace("\n", " ")
-            cells.append(cell)
+            cells.append(shown(value, NUMERIC.get(key, 4)).replace("|", "\\|").replace("\n", " "))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -392,12 +429,23 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ):
         values = [r.get(key) if isinstance(r.get(key), int | float) else math.nan for r in rows]
         ax.plot(x, values, style, label=label)
-    for i, row in enumerate(rows):
-        if row.get("status") == "failed":
-            ax.axvspan(i - 0.4, i + 0.4, color="red", alpha=0.12, lw=0)
-        elif str(row.get("gate") or "").startswith("rejected"):
-            ax.annotate("rejected", (i, 0.02), ha="center", fontsize=7, color="darkred")
+    rejected = [i for i, r in enumerate(rows) if str(r.get("gate") or "").startswith("rejected")]
+    scores = [rows[i].get("company") for i in rejected]
+    if any(isinstance(v, int | float) for v in scores):
+        ax.plot(
+            rejected,
+            [v if isinstance(v, int | float) else math.nan for v in scores],
+            "rx",
+            ms=10,
+            label="rejected by the gate (champion kept)",
+        )
+    failed = [i for i, r in enumerate(rows) if r.get("status") == RunStatus.FAILED]
+    for i in failed:
+        ax.axvspan(
+            i - 0.4, i + 0.4, color="red", alpha=0.12, lw=0, label="failed" if i == failed[0] else None
+        )
     ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_xticks(x, months, rotation=30, ha="right")
     ax.set_ylabel("share")
     ax.set_title("A year of monthly retraining (demo world)")
@@ -423,7 +471,7 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: Path, header: str) -> str
 
 
 def header_line(overrides: Iterable[str], total_s: float | None = None) -> str:
-    settings = ", ".join(f"`{o}`" for o in overrides) or "none (params.yaml as committed)"
+    settings = ", ".join(f"`{o}`" for o in overrides) or "none (the project's params.yaml)"
     took = f"; {total_s:.0f} s in all" if total_s is not None else ""
     return (
         f"A year of retraining on the demo world. Machine: {machine()}; "
@@ -447,11 +495,17 @@ def parse_sets(items: Sequence[str], parser: argparse.ArgumentParser) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/year_simulation.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/year_simulation.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "year", help="table, CSV, plot, logs")
     parser.add_argument("--months", type=int, help="only the first N months")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override for every month"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml override for every month",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
     parser.add_argument("--keep-going", action="store_true", help="after a failed month, run the next ones")
@@ -474,15 +528,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             project, watch = make_scratch(REPO, work, overrides)
         except SettingsError as error:
-            logger.error("settings: %s", error)
+            logger.error("params.yaml of the copy%s: %s", " (after --set)" if overrides else "", error)
             return 2
-        drops = month_folders(REPO, watch, args.months)
+        drops = snapshot(month_folders(REPO, watch, args.months), work / "drops")
         if not drops:
             logger.error("no drops found in %s or %s", REPO / watch, REPO / LATER_DROPS)
             return 1
         env = child_env(project)
         for i, drop in enumerate(drops, 1):
-            logger.info("month %d/%d: %s (flow output: %s)", i, len(drops), drop.name, logs / f"{drop.name}.log")
+            logger.info(
+                "month %d/%d: %s (flow output: %s)", i, len(drops), drop.name, logs / f"{drop.name}.log"
+            )
             row = run_month(project, watch, drop, env, logs)
             rows.append(row)
             logger.info(
@@ -494,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["flow_s"],
                 row["stages_run"],
             )
-            if row["status"] == "failed":
+            if row["status"] == RunStatus.FAILED:
                 logger.error("month %s failed: %s", drop.name, row["error"])
                 if not args.keep_going:
                     failure = f"month {drop.name} failed: {row['error']} (see {logs / (drop.name + '.log')})"
