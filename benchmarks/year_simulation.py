@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from milora.offline import OFFLINE_ENV  # noqa: E402
 from milora.records import RunStatus  # noqa: E402
 from milora.settings import SettingsError, load_settings  # noqa: E402
+from tasks import parse_overrides  # noqa: E402
 
 logger = logging.getLogger("year_simulation")
 
@@ -481,38 +482,19 @@ def header_line(overrides: Iterable[str], total_s: float | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def parse_sets(items: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """``KEY=VALUE`` (value parsed as YAML), as the stage commands' ``--set``."""
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set expects KEY=VALUE (e.g. train.profiles.demo.max_steps=20), got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/year_simulation.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "year", help="table, CSV, plot, logs")
     parser.add_argument("--months", type=int, help="only the first N months")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a params.yaml override for every month",
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
     parser.add_argument("--keep-going", action="store_true", help="after a failed month, run the next ones")
     args = parser.parse_args(argv)
     if args.months is not None and args.months < 1:
         parser.error("--months must be at least 1")
-    overrides = parse_sets(args.set, parser)
+    overrides = parse_overrides(args.set, parser)
     logging.basicConfig(
         level=os.environ.get("MILORA_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s"
     )

@@ -41,6 +41,7 @@ from milora.demo.company import (
     PRODUCT_FACTS,
     FactKind,
     Product,
+    _catalogue,
     _company_words,
     _describe,
     make_company,
@@ -197,17 +198,7 @@ class Year:
     def _new_products(self, count: int) -> list[Product]:
         categories = list(_CATEGORIES)
         self.rng.shuffle(categories)
-        return [
-            Product(
-                name=f"{self.forge.name((2, 2))} {category}",
-                category=category.lower(),
-                price=f"${self.rng.randint(19, 399)}",
-                sku=f"{self.prefix}-{self.rng.randint(1000, 9999)}",
-                warranty=f"{self.rng.choice((6, 12, 18, 24, 36))} months",
-                reset=f"{self.rng.randint(3, 15)} seconds",
-            )
-            for category in categories[:count]
-        ]
+        return _catalogue(self.rng, self.forge, self.prefix, categories, count)
 
     def _pick(self, count: int) -> list[str]:
         """``count`` products of the catalogue, never the one awaiting its typo fix."""
