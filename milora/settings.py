@@ -48,7 +48,10 @@ class ReplaySettings(Section):
     sources: list[str] = Field(
         default_factory=list, description="files or globs of general data (chat, Alpaca or prompt/completion)"
     )
-    watch: str = Field(".", description="the folder holding them (the DVC ingest stage's second dependency)")
+    watch: str | None = Field(
+        None,
+        description="the folder holding them (the DVC ingest stage's second dependency); null: ingest.watch",
+    )
 
 
 class IngestSettings(Section):
@@ -71,6 +74,12 @@ class IngestSettings(Section):
     role_map: dict[str, str] = Field(default_factory=dict, description="export role -> system/user/assistant")
     csv_delimiter: str = Field(",", min_length=1, max_length=1)
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
+
+    @model_validator(mode="after")
+    def _replay_watch(self) -> IngestSettings:
+        if self.replay.watch is None:  # dvc.yaml depends on it: never null once parsed
+            object.__setattr__(self, "replay", self.replay.model_copy(update={"watch": self.watch}))
+        return self
 
     @field_validator("column_map")
     @classmethod
