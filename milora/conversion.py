@@ -54,7 +54,8 @@ class CompressionReport:
         return max(self.errors.values(), default=0.0)
 
 
-def _lora_config(config: dict[str, Any], r: int, alpha: float) -> dict[str, Any]:
+def plain_lora_config(config: dict[str, Any], r: int, alpha: float) -> dict[str, Any]:
+    """A PEFT config for a plain LoRA of rank ``r`` (refusing what conversion cannot carry)."""
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError("adapters with rank_pattern/alpha_pattern are not supported for conversion")
     if config.get("use_rslora"):
@@ -89,7 +90,7 @@ def convert_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathL
         initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
         state = convert_state(trained, initial)
         r = 2 * int(config["r"])
-        config = _lora_config(config, r, 2 * float(config["lora_alpha"]))
+        config = plain_lora_config(config, r, 2 * float(config["lora_alpha"]))
     else:
         state = trained
     new_manifest = {
@@ -144,7 +145,7 @@ def compress_adapter(
     for name in layer_names(trained):
         key_a, key_b = factor_keys(name)
         state[key_a], state[key_b], errors[name] = compress_factors(trained[key_a], trained[key_b], rank)
-    config = _lora_config(config, rank, scale * rank)
+    config = plain_lora_config(config, rank, scale * rank)
     source = Path(source or adapter_dir).resolve()
     write_adapter(
         Path(out_dir),

@@ -153,6 +153,17 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # --------------------------------------------------------------------------- numerics
+@torch.no_grad()
+def pretend_training(model, seed: int, size: float = 0.05) -> None:
+    """Move every LoRA factor as a few optimiser steps would."""
+    from milora.initialize import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        for factor in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            factor.add_(size * factor.abs().mean() * torch.randn(factor.shape, generator=gen))
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.double()

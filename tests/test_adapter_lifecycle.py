@@ -10,7 +10,7 @@ import stat
 
 import pytest
 import torch
-from conftest import logits, rel, tiny_llama
+from conftest import logits, pretend_training, rel, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -20,15 +20,6 @@ from milora.adapter_io import factor_keys, layer_names
 from milora.conversion import compress_factors
 from milora.initialize import lora_layers
 from milora.layout import INITIAL_DIR
-
-
-@torch.no_grad()
-def pretend_training(model, seed: int, size: float = 0.05) -> None:
-    """Move every LoRA factor as a few optimiser steps would."""
-    gen = torch.Generator().manual_seed(seed)
-    for layer in lora_layers(model).values():
-        for factor in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
-            factor.add_(size * factor.abs().mean() * torch.randn(factor.shape, generator=gen))
 
 
 @pytest.fixture(params=["milora", "pissa"])

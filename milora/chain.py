@@ -1,0 +1,130 @@
+"""Adapters in a chain: a month that starts from the champion, served as one plain LoRA.
+
+Retraining can build on the champion instead of the stock base. By *refolding*, the champion
+is merged into the weights (W1 = W0 + D1, D1 its plain-LoRA delta) and a new MiLoRA adapter
+is initialised in the minor subspace of W1, so what earlier months taught joins the frozen
+principal weights. Its converted delta D2 is relative to W1: the model it serves is
+W0 + D1 + D2. Plain-LoRA deltas add by stacking factors,
+
+    sum_i s_i B_i A_i = s * [B_1 s_1/s, ..., B_k s_k/s] [A_1; ...; A_k],
+
+a plain LoRA of rank sum(r_i) at one scale s, exact, for the *stock* base; a server with a
+rank limit (vLLM's ``max_lora_rank``) gets it truncated by :func:`compress_factors`, its
+relative error reported. Only factors are touched, never a full weight matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from milora.adapter_io import (
+    INITIAL_DIR,
+    factor_keys,
+    layer_names,
+    read_adapter,
+    read_manifest,
+    write_adapter,
+)
+from milora.conversion import compress_factors, convert_state, plain_lora_config
+
+logger = logging.getLogger(__name__)
+
+CHAIN_KEY = "chain"  # milora.json of a chained adapter: the adapters it sums, in order
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What :func:`chain_adapters` wrote: the rank, and per layer the relative error of a
+    truncation to ``serve_rank`` (empty when the sum was kept whole)."""
+
+    rank: int
+    errors: dict[str, float]
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def plain_delta(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict, float]:
+    """An adapter folder as a plain LoRA (state, PEFT config, scale): converted in memory when
+    it carries initial factors (a MiLoRA/PiSSA adapter), as written otherwise."""
+    state, config = read_adapter(adapter_dir)
+    manifest = read_manifest(adapter_dir) or {}
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    if manifest.get("has_initial_factors"):
+        initial, _ = read_adapter(Path(adapter_dir) / INITIAL_DIR)
+        state, r, alpha = convert_state(state, initial), 2 * r, 2 * alpha
+    plain_lora_config(config, r, alpha)  # refuses rank/alpha patterns and rsLoRA
+    return state, config, alpha / r
+
+
+def chain_state(deltas: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """The stacked factors of a sum of plain-LoRA deltas ``(state, scale)``, at scale 1."""
+    if not deltas:
+        raise ValueError("a chain needs at least one adapter")
+    names = layer_names(deltas[0][0])
+    for state, _ in deltas[1:]:
+        if layer_names(state) != names:
+            raise ValueError("the adapters of a chain must adapt the same layers")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        key_a, key_b = factor_keys(name)
+        out[key_a] = torch.cat([state[key_a] for state, _ in deltas], dim=0)
+        out[key_b] = torch.cat([state[key_b] * scale for state, scale in deltas], dim=1)
+    return out
+
+
+def chain_adapters(
+    adapter_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    serve_rank: int | None = None,
+) -> ChainReport:
+    """Write one plain LoRA for the stock base that applies every adapter of ``adapter_dirs``
+    (oldest first, each trained on the weights the ones before it merged into), truncated to
+    ``serve_rank`` when given and smaller than the sum's rank."""
+    deltas, config = [], None
+    for path in adapter_dirs:
+        state, found, scale = plain_delta(path)
+        if config is not None and found.get("fan_in_fan_out") != config.get("fan_in_fan_out"):
+            raise ValueError(f"{path}: fan_in_fan_out differs from the chain's first adapter")
+        config = config or found
+        deltas.append((state, scale))
+    state = chain_state(deltas)
+    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    errors: dict[str, float] = {}
+    if serve_rank is not None and serve_rank < rank:
+        for name in layer_names(state):
+            key_a, key_b = factor_keys(name)
+            state[key_a], state[key_b], errors[name] = compress_factors(
+                state[key_a], state[key_b], serve_rank
+            )
+        rank = serve_rank
+    write_adapter(
+        Path(out_dir),
+        state,
+        plain_lora_config(config or {}, rank, float(rank)),
+        {
+            "method": "lora",
+            "r": rank,
+            "lora_alpha": float(rank),
+            "has_initial_factors": False,
+            CHAIN_KEY: [str(Path(p).resolve()) for p in adapter_dirs],
+            **({"compressed_max_error": max(errors.values())} if errors else {}),
+        },
+    )
+    report = ChainReport(rank, errors)
+    logger.info(
+        "chained %d adapters -> plain LoRA r=%d at %s%s",
+        len(deltas),
+        rank,
+        out_dir,
+        f" (truncated, worst relative error {report.max_error:.3g})" if errors else "",
+    )
+    return report

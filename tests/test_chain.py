@@ -1,0 +1,62 @@
+"""Adapters in a chain (milora.chain): three months, each refolded onto the last, served as one
+plain LoRA on the stock base."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import logits, pretend_training, rel, tiny_llama
+from peft import PeftModel
+
+from milora import init_adapter, merge_adapter, save_adapter
+from milora.chain import CHAIN_KEY, chain_adapters
+
+
+@pytest.fixture(scope="module")
+def months(tmp_path_factory):
+    """(stock base, the three saved adapters, the last month's logits): each month merges the
+    last into the weights and initialises MiLoRA afresh in the merged weights' minor subspace."""
+    root = tmp_path_factory.mktemp("chain")
+    base = tiny_llama()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    current, saved = copy.deepcopy(base), []
+    for month in range(3):
+        model = init_adapter(copy.deepcopy(current), method="milora", r=4)
+        pretend_training(model, seed=month + 1, size=3.0)
+        expected = logits(model, ids)
+        saved.append(save_adapter(model, root / f"month{month}"))
+        current = merge_adapter(copy.deepcopy(current), saved[-1])
+        assert rel(logits(current, ids), expected) < 1e-5  # the refolded weights are that model
+    return base, saved, expected, ids, root
+
+
+def test_the_chain_is_one_exact_plain_lora_for_the_stock_base(months):
+    base, saved, expected, ids, root = months
+    report = chain_adapters(saved, root / "served")
+    assert report.rank == 3 * 8 and not report.errors  # each month's delta has rank 2r
+    served = PeftModel.from_pretrained(copy.deepcopy(base), root / "served")
+    assert rel(logits(served, ids), expected) < 1e-4
+    assert rel(logits(base, ids), expected) > 100 * rel(logits(served, ids), expected)  # it changed the model
+    manifest = json.loads((root / "served" / "milora.json").read_text())
+    assert len(manifest[CHAIN_KEY]) == 3 and manifest["has_initial_factors"] is False
+
+
+def test_a_servers_rank_limit_truncates_with_the_error_reported(months):
+    base, saved, expected, ids, root = months
+    errors = {}
+    for rank in (16, 8):
+        report = chain_adapters(saved, root / f"served-r{rank}", serve_rank=rank)
+        assert report.rank == rank and set(report.errors) and report.max_error > 0
+        served = PeftModel.from_pretrained(copy.deepcopy(base), root / f"served-r{rank}")
+        errors[rank] = rel(logits(served, ids), expected)
+    assert errors[16] < errors[8]
+
+
+def test_adapters_of_other_layers_do_not_chain(months, tmp_path):
+    base, saved, *_ = months
+    other = init_adapter(copy.deepcopy(base), method="milora", r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="same layers"):
+        chain_adapters([saved[0], save_adapter(other, tmp_path / "q")], tmp_path / "out")
