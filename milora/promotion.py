@@ -14,8 +14,11 @@ Every condition must hold, and each is reported with its numbers:
   (stored scores only) its score must be at least the champion's plus ``min_primary_gain``;
 * no retention suite forgets more than ``max_forgetting`` (measured against the stock base);
 * every other suite scored for both is within ``tolerance`` of the champion, in the
-  metric's own direction (perplexity: lower is better); paired, it fails only when it is
-  worse beyond noise (interval entirely below zero) and by more than ``tolerance``.
+  metric's own direction: a score at most ``tolerance`` lower; a lower-is-better metric
+  (perplexity) at most ``tolerance`` higher *relative* to the champion's, as its forgetting is
+  a relative rise (an absolute 0.02 would mean 1.2% on a perplexity of 1.7 and 0.1% on 20);
+  paired, it fails only when it is worse beyond noise (interval entirely below zero) and by
+  more than ``tolerance``.
 """
 
 from __future__ import annotations
@@ -194,12 +197,12 @@ def gate(
                 f"{suite} vs champion v{rescored} on the same items: {same_items.text()}; fails only if "
                 f"worse beyond noise and by more than tolerance {rules.tolerance:.4f}",
             )
-        elif lower:
-            limit = before + rules.tolerance
+        elif lower:  # relative, as perplexity's forgetting is: a 2% rise whatever its scale
+            limit = before * (1 + rules.tolerance)
             check(
                 score <= limit,
-                f"{suite} {lower[0]} {score:.4f} <= champion {before:.4f} + tolerance "
-                f"{rules.tolerance:.4f} = {limit:.4f} (lower is better)",
+                f"{suite} {lower[0]} {score:.4f} <= champion {before:.4f} x (1 + tolerance "
+                f"{rules.tolerance:.4f}) = {limit:.4f} (lower is better)",
             )
         else:
             limit = before - rules.tolerance

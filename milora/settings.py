@@ -289,7 +289,11 @@ class GateSettings(Section):
     max_forgetting: float = Field(
         0.1, ge=0.0, description="largest forgetting allowed on any retention suite"
     )
-    tolerance: float = Field(0.02, ge=0.0, description="other suites may drop this much below the champion")
+    tolerance: float = Field(
+        0.02,
+        ge=0.0,
+        description="other suites may drop this much below the champion (perplexity: relative rise)",
+    )
     max_stale: float = Field(
         0.05,
         ge=0.0,
