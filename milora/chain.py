@@ -11,6 +11,11 @@ W0 + D1 + D2. Plain-LoRA deltas add by stacking factors,
 a plain LoRA of rank sum(r_i) at one scale s, exact, for the *stock* base; a server with a
 rank limit (vLLM's ``max_lora_rank``) gets it truncated by :func:`compress_factors`, its
 relative error reported. Only factors are touched, never a full weight matrix.
+
+:func:`start_from_champion` is where such a month begins: ``continue`` keeps training the
+champion's own adapter (its initial factors rebuild the residual, so the served delta stays
+relative to the stock base), ``refold`` merges the champion and initialises afresh in the
+merged weights' minor subspace. Either way the untrained model *is* the champion.
 """
 
 from __future__ import annotations
@@ -22,20 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from milora.adapter_io import (
     INITIAL_DIR,
     factor_keys,
     layer_names,
+    load_adapter,
     read_adapter,
     read_manifest,
     write_adapter,
 )
-from milora.conversion import compress_factors, convert_state, plain_lora_config
+from milora.config import AdapterSpec
+from milora.conversion import compress_factors, convert_state, merge_adapter, plain_lora_config
 
 logger = logging.getLogger(__name__)
 
 CHAIN_KEY = "chain"  # milora.json of a chained adapter: the adapters it sums, in order
+STARTS = ("continue", "refold")  # how a run from the champion begins (see start_from_champion)
 
 
 @dataclass(frozen=True)
@@ -128,3 +137,30 @@ def chain_adapters(
         f" (truncated, worst relative error {report.max_error:.3g})" if errors else "",
     )
     return report
+
+
+def start_from_champion(
+    base_model: nn.Module,
+    champion_dir: str | os.PathLike[str],
+    strategy: str,
+    spec: AdapterSpec | None = None,
+    **init_options: object,
+) -> nn.Module:
+    """The trainable model a run from the champion starts with; before training it computes
+    what the champion computes.
+
+    ``continue``: the champion's adapter on the stock ``base_model``, trainable (its method,
+    rank and initial factors are kept; ``spec`` must be None). ``refold``: the champion merged
+    into ``base_model``'s weights, then :func:`milora.init_adapter` with ``spec`` (and
+    ``init_options``: cache, device, seed) on the merged weights; its delta is relative to
+    them, so serve the run with :func:`chain_adapters` ``[champion, run]``."""
+    if strategy == "continue":
+        if spec is not None:
+            raise ValueError("continue keeps the champion's adapter: its method and rank cannot change")
+        return load_adapter(base_model, champion_dir, is_trainable=True)
+    if strategy == "refold":
+        from milora.initialize import init_adapter
+
+        merged = merge_adapter(base_model, champion_dir)
+        return init_adapter(merged, spec, **init_options)  # type: ignore[arg-type]
+    raise ValueError(f"start strategy {strategy!r} is not one of {STARTS}")

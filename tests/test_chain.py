@@ -11,7 +11,7 @@ import torch
 from conftest import logits, pretend_training, rel, tiny_llama
 from peft import PeftModel
 
-from milora import init_adapter, merge_adapter, save_adapter
+from milora import init_adapter, load_adapter, merge_adapter, save_adapter
 from milora.chain import CHAIN_KEY, chain_adapters
 
 
@@ -60,3 +60,30 @@ def test_adapters_of_other_layers_do_not_chain(months, tmp_path):
     other = init_adapter(copy.deepcopy(base), method="milora", r=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="same layers"):
         chain_adapters([saved[0], save_adapter(other, tmp_path / "q")], tmp_path / "out")
+
+
+@pytest.mark.parametrize("strategy", ["continue", "refold"])
+def test_a_run_from_the_champion_starts_as_the_champion(months, strategy):
+    """Before training, either start computes what the champion computes (within 1e-5)."""
+    from milora import AdapterSpec
+    from milora.chain import start_from_champion
+    from milora.initialize import lora_layers
+
+    base, saved, _, ids, _ = months
+    champion = saved[0]
+    expected = logits(load_adapter(copy.deepcopy(base), champion), ids)
+    spec = AdapterSpec("milora", 4) if strategy == "refold" else None
+    model = start_from_champion(copy.deepcopy(base), champion, strategy, spec)
+    assert rel(logits(model.eval(), ids), expected) < 1e-5 and rel(logits(base, ids), expected) > 1e-3
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(len(layer.lora_A) == 1 for layer in lora_layers(model).values())
+
+
+def test_a_start_is_checked():
+    from milora import AdapterSpec
+    from milora.chain import start_from_champion
+
+    with pytest.raises(ValueError, match="not one of"):
+        start_from_champion(tiny_llama(), "x", "restart")
+    with pytest.raises(ValueError, match="cannot change"):
+        start_from_champion(tiny_llama(), "x", "continue", AdapterSpec("milora", 8))
