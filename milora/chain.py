@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,11 @@ def chain_adapters(
         state,
         plain_lora_config(config or {}, rank, float(rank)),
         {
+            **{  # base model, targets, versions of the first; not what described it alone
+                k: v
+                for k, v in (read_manifest(adapter_dirs[0]) or {}).items()
+                if k not in ("training", CHAIN_KEY) and not k.startswith("compressed")
+            },
             "method": "lora",
             "r": rank,
             "lora_alpha": float(rank),
@@ -164,3 +169,24 @@ def start_from_champion(
         merged = merge_adapter(base_model, champion_dir)
         return init_adapter(merged, spec, **init_options)  # type: ignore[arg-type]
     raise ValueError(f"start strategy {strategy!r} is not one of {STARTS}")
+
+
+CHAIN_VS_MERGED = "chained adapter vs the chain merged in turn"
+
+
+@torch.no_grad()
+def verify_chain(
+    load_base: Callable[[], nn.Module], chained_dir: str | os.PathLike[str], input_ids: torch.Tensor
+) -> float:
+    """Relative logit difference between a chained adapter on the stock base and its chain
+    applied in turn (each adapter merged into the weights the ones before it made)."""
+    manifest = read_manifest(chained_dir) or {}
+    members = manifest.get(CHAIN_KEY)
+    if not members:
+        raise ValueError(f"{chained_dir} is not a chained adapter (milora.json lists no {CHAIN_KEY!r})")
+    model = load_base()
+    for member in members:
+        model = merge_adapter(model, member)
+    reference = model.eval()(input_ids).logits.double()
+    served = load_adapter(load_base(), chained_dir).eval()(input_ids).logits.double()
+    return ((served - reference).norm() / reference.norm()).item()

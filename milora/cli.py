@@ -18,6 +18,7 @@ from rich.table import Table
 from milora.adapter_io import factor_keys, layer_names, read_adapter, read_manifest, save_adapter
 from milora.atomic import follow_umask
 from milora.cache import DecompositionCache
+from milora.chain import CHAIN_KEY, CHAIN_VS_MERGED, chain_adapters, verify_chain
 from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.conversion import (
     COMPRESSED_VS_SOURCE,
@@ -120,6 +121,22 @@ def convert(
 
 
 @app.command()
+def chain(
+    adapters: Annotated[
+        list[Path], typer.Argument(help="adapter folders, oldest first (each refolded onto the last)")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="plain LoRA adapter folder to write")],
+    serve_rank: Annotated[
+        int | None, typer.Option(help="truncate to this rank (a server's max_lora_rank)")
+    ] = None,
+) -> None:
+    """Sum a chain of adapters into one plain LoRA for the stock base (exact, or --serve-rank)."""
+    report = chain_adapters(adapters, out, serve_rank=serve_rank)
+    said = f"; worst relative error of the update {report.max_error:.3e}" if report.errors else " (exact)"
+    console.print(f"{len(adapters)} adapters -> plain LoRA r={report.rank} for the stock base -> {out}{said}")
+
+
+@app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
     adapter: Annotated[Path, typer.Argument(help="adapter folder (any method, or converted)")],
@@ -205,17 +222,27 @@ def verify(
     beyond TOLERANCE. The base-vs-adapter figure is ~0 only for an untrained adapter.
     """
     report = verify_adapter(lambda: load_base_model(base, trust_remote_code=trust_remote_code), adapter)
+    manifest = read_manifest(adapter) or {}
+    if manifest.get(CHAIN_KEY):  # a chained adapter: against its chain merged in turn
+        import torch
+
+        load = lambda: load_base_model(base, trust_remote_code=trust_remote_code)  # noqa: E731
+        ids = torch.randint(0, load().config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        report[CHAIN_VS_MERGED] = verify_chain(load, adapter, ids)
     table = Table(title=f"{adapter} on {base}")
     table.add_column("comparison")
     table.add_column("max relative logit difference", justify="right")
     for name, value in report.items():
         table.add_row(name, f"{value:.2e}")
     console.print(table)
-    worst = max(report["adapter vs converted plain LoRA on stock base"], report["adapter vs merged model"])
+    worst = max(
+        report["adapter vs converted plain LoRA on stock base"],
+        report["adapter vs merged model"],
+        0.0 if "compressed_max_error" in manifest else report.get(CHAIN_VS_MERGED, 0.0),
+    )
     if worst > tolerance:
         console.print(f"[red]FAILED[/]: {worst:.2e} > {tolerance:.0e}")
         raise typer.Exit(1)
-    manifest = read_manifest(adapter) or {}
     if "compressed_max_error" in manifest:
         update = float(manifest["compressed_max_error"])
         said = (

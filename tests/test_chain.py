@@ -87,3 +87,30 @@ def test_a_start_is_checked():
         start_from_champion(tiny_llama(), "x", "restart")
     with pytest.raises(ValueError, match="cannot change"):
         start_from_champion(tiny_llama(), "x", "continue", AdapterSpec("milora", 8))
+
+
+def test_the_command_line_chains_and_verify_checks_the_chain(months, tmp_path):
+    """`milora chain A B C --out D` then `milora verify BASE D`: the chained adapter on the
+    stock base against the chain merged in turn, within the tolerance."""
+    from typer.testing import CliRunner
+
+    from milora.chain import CHAIN_VS_MERGED
+    from milora.cli import app
+
+    base, saved, *_ = months
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    runner = CliRunner()
+    made = runner.invoke(app, ["chain", *map(str, saved), "--out", str(tmp_path / "served")])
+    assert made.exit_code == 0, made.output
+    assert "r=24" in made.output and "(exact)" in made.output
+    checked = runner.invoke(app, ["verify", str(tmp_path / "base"), str(tmp_path / "served")])
+    assert checked.exit_code == 0, checked.output
+    assert CHAIN_VS_MERGED in checked.output and "OK" in checked.output
+    # A chain missing its last month is not the chain it claims to be.
+    runner.invoke(app, ["chain", *map(str, saved[:2]), "--out", str(tmp_path / "short")])
+    manifest = json.loads((tmp_path / "short" / "milora.json").read_text())
+    (tmp_path / "short" / "milora.json").write_text(
+        json.dumps({**manifest, "chain": manifest["chain"] + [str(saved[2])]})
+    )
+    failed = runner.invoke(app, ["verify", str(tmp_path / "base"), str(tmp_path / "short")])
+    assert failed.exit_code == 1 and "FAILED" in failed.output
