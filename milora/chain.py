@@ -30,16 +30,14 @@ import torch
 from torch import nn
 
 from milora.adapter_io import (
-    INITIAL_DIR,
     factor_keys,
     layer_names,
     load_adapter,
-    read_adapter,
     read_manifest,
     write_adapter,
 )
 from milora.config import AdapterSpec
-from milora.conversion import compress_factors, convert_state, merge_adapter, plain_lora_config
+from milora.conversion import compress_factors, merge_adapter, plain_lora, plain_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +56,6 @@ class ChainReport:
     @property
     def max_error(self) -> float:
         return max(self.errors.values(), default=0.0)
-
-
-def plain_delta(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict, float]:
-    """An adapter folder as a plain LoRA (state, PEFT config, scale): converted in memory when
-    it carries initial factors (a MiLoRA/PiSSA adapter), as written otherwise."""
-    state, config = read_adapter(adapter_dir)
-    manifest = read_manifest(adapter_dir) or {}
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    if manifest.get("has_initial_factors"):
-        initial, _ = read_adapter(Path(adapter_dir) / INITIAL_DIR)
-        state, r, alpha = convert_state(state, initial), 2 * r, 2 * alpha
-    plain_lora_config(config, r, alpha)  # refuses rank/alpha patterns and rsLoRA
-    return state, config, alpha / r
 
 
 def chain_state(deltas: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
@@ -100,7 +85,9 @@ def chain_adapters(
     ``serve_rank`` when given and smaller than the sum's rank."""
     deltas, config = [], None
     for path in adapter_dirs:
-        state, found, scale = plain_delta(path)
+        state, found = plain_lora(path)
+        plain_lora_config(found, int(found["r"]), float(found["lora_alpha"]))  # refuses patterns, rsLoRA
+        scale = float(found["lora_alpha"]) / int(found["r"])
         if config is not None and found.get("fan_in_fan_out") != config.get("fan_in_fan_out"):
             raise ValueError(f"{path}: fan_in_fan_out differs from the chain's first adapter")
         config = config or found

@@ -80,19 +80,24 @@ def convert_state(
     return out
 
 
+def plain_lora(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An adapter folder as plain LoRA tensors and PEFT config, in memory: converted (rank
+    2r) when it carries initial factors (MiLoRA/PiSSA), as written otherwise."""
+    adapter_dir = Path(adapter_dir)
+    state, config = read_adapter(adapter_dir)
+    if (read_manifest(adapter_dir) or {}).get("has_initial_factors"):
+        initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
+        r = 2 * int(config["r"])
+        return convert_state(state, initial), plain_lora_config(config, r, 2 * float(config["lora_alpha"]))
+    return state, config
+
+
 def convert_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Write the plain LoRA adapter (rank 2r) that reproduces a MiLoRA/PiSSA adapter on the
     stock base. A plain LoRA adapter is copied unchanged (it already is one)."""
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     manifest = read_manifest(adapter_dir) or {"method": "lora"}
-    trained, config = read_adapter(adapter_dir)
-    if manifest.get("has_initial_factors"):
-        initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
-        state = convert_state(trained, initial)
-        r = 2 * int(config["r"])
-        config = plain_lora_config(config, r, 2 * float(config["lora_alpha"]))
-    else:
-        state = trained
+    state, config = plain_lora(adapter_dir)
     new_manifest = {
         **{k: v for k, v in manifest.items() if k != "has_initial_factors"},
         "method": "lora",

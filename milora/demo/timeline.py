@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from milora.demo.company import (
-    _ASK_INSTRUCTIONS,
     _CATEGORIES,
     _POLICY_LABELS,
     DROPS,
@@ -44,6 +43,7 @@ from milora.demo.company import (
     _catalogue,
     _company_words,
     _describe,
+    _record,
     make_company,
     make_decoys,
     to_chat,
@@ -131,13 +131,7 @@ def fact_records(fact: Fact, seed: int) -> tuple[list[dict[str, str]], dict[str,
             item = {"answer": fact.value, "id": fact.id, "kind": fact.kind, "question": question}
             continue
         rng = random.Random(f"{fact.id}-{index}-{seed}")
-        answer = rng.choice(fact.template.answers).format(**fact.slots)
-        if rng.random() < 1 / 3:
-            records.append(
-                {"instruction": rng.choice(_ASK_INSTRUCTIONS), "input": question, "output": answer}
-            )
-        else:
-            records.append({"instruction": question, "input": "", "output": answer})
+        records.append(_record(rng, question, rng.choice(fact.template.answers).format(**fact.slots)))
     return records, item
 
 
