@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run compare year method-demo deploy test lint format bench demo-data clean experiments
+.PHONY: install run compare year chain-year method-demo deploy test lint format bench demo-data clean experiments
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,13 @@ compare: $(STAMP) $(DEMO_BASE)/config.json
 YEAR_ARGS ?=
 year: $(STAMP) $(DEMO_BASE)/config.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/year_simulation.py $(YEAR_ARGS)
+
+# Retraining from the champion against retraining from the base, over the demo year: full,
+# continue and refold x milora and lora -> outputs/retrain_over_time/ (table, months.png,
+# verdict.json). CHAIN_ARGS="--months 3 --methods milora".
+CHAIN_ARGS ?=
+chain-year: $(STAMP) $(DEMO_BASE)/config.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/retrain_over_time.py $(CHAIN_ARGS)
 
 # The method alone: spectrum, MiLoRA init (cold, then from the cache), identity check,
 # plain-LoRA conversion, where the adapter sits in the spectrum.

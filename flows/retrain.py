@@ -1,6 +1,6 @@
 """The retraining flow: new company data in, a validated, trained, evaluated and gated model out.
 
-    ingest -> validate -> prepare -> SVD init -> train -> evaluate -> champion -> (push) -> register -> promote -> report
+    ingest -> validate -> prepare -> parent -> SVD init -> train -> evaluate -> champion -> (push) -> register -> promote -> report
 
 Data and model steps are the DVC stages of ``dvc.yaml`` (one copy of each stage's code; DVC
 skips what did not change and versions every output, pushed to the DVC remote before
@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # First the offline environment, before Prefect and the model hub load (flows/__init__.py; a
 # deployment loads this file as a script, outside the package, so it is imported by name).
@@ -34,6 +34,7 @@ import flows  # noqa: F401
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 
+from milora.layout import FROM_VERSION
 from milora.preflight import base_model_problems
 from milora.records import Decision, RunStatus
 from milora.redact import install_log_redaction, redact
@@ -42,6 +43,7 @@ from tasks.champion import compare_champion_task
 from tasks.html_report import REPORTS_DIR, html_report, html_report_task
 from tasks.ingest import unwatched_sources
 from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version
+from tasks.parent import START_ENV
 from tasks.register import (
     LostChampionError,
     champion_lineage,
@@ -73,9 +75,12 @@ def retrain(
     force: bool = False,
     allow_uncommitted: bool = False,
     new_registry: bool = False,
+    start: Literal["base", "champion"] | None = None,
 ) -> dict[str, Any] | State:
     """Take the company data named in ``params`` to a registered, gated model (a failure is
-    recorded and ends the run Failed with its message)."""
+    recorded and ends the run Failed with its message). ``start``: where training starts,
+    instead of ``train.start`` (a deployment's choice: a monthly run from the champion, a
+    quarterly one from the stock base); the parent stage records it."""
     log = get_run_logger()
     started = time.perf_counter()
     settings = load_settings(params)
@@ -109,6 +114,11 @@ def retrain(
             stages[stage] = reproduce_task(stage, root, force=force).ran
         data = lineage_task.with_options(name="prepare")(settings)
         log.info("dataset version %s from raw data %s", data["data_version"][:12], data["raw_data_hash"][:12])
+        # The parent (train.start: champion) is the registry's champion, which DVC cannot see
+        # change: its stage always runs then, and train reruns only if the champion changed.
+        chosen = {START_ENV: start} if start else None
+        refetch = force or start is not None or settings.train.start == FROM_VERSION
+        stages["parent"] = reproduce_task("parent", root, force=refetch, env=chosen).ran
         for stage in ("init", "train", "evaluate"):
             stages[stage] = reproduce_task(stage, root, force=force).ran
         compare_champion_task(settings)  # the champion on the same items, for a paired gate
@@ -167,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage even if unchanged")
     parser.add_argument(
+        "--start",
+        choices=("base", "champion"),
+        help="where training starts, instead of train.start: the stock base or the registry's champion",
+    )
+    parser.add_argument(
         "--allow-uncommitted",
         action="store_true",
         help="train on code, params or company files git has not committed (a local try: the version "
@@ -187,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MILORA_LOG_LEVEL", "INFO"))
     install_log_redaction()
-    if not (args.force or args.always_run_flow or args.skip_if_no_new_data):
+    if not (args.force or args.always_run_flow or args.skip_if_no_new_data or args.start):
         started = time.perf_counter()
         settings = load_settings(args.params)
         try:
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
             args.allow_uncommitted,
             args.new_registry,
+            args.start,
         )
     except Exception as error:  # recorded, with its page, by the flow
         print(f"retrain failed: {redact(str(error))}", file=sys.stderr)

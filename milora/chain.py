@@ -20,11 +20,14 @@ merged weights' minor subspace. Either way the untrained model *is* the champion
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +40,8 @@ from milora.adapter_io import (
     write_adapter,
 )
 from milora.config import AdapterSpec
-from milora.conversion import compress_factors, merge_adapter, plain_lora, plain_lora_config
+from milora.conversion import compress_factors, convert_adapter, merge_adapter, plain_lora, plain_lora_config
+from milora.layout import FROM_VERSION, PARENT_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +120,9 @@ def chain_adapters(
             "r": rank,
             "lora_alpha": float(rank),
             "has_initial_factors": False,
-            CHAIN_KEY: [str(Path(p).resolve()) for p in adapter_dirs],
+            # Relative to the chained folder: a run folder moves (published by a rename) and
+            # the registry holds its adapters side by side.
+            CHAIN_KEY: [os.path.relpath(Path(p).resolve(), Path(out_dir).resolve()) for p in adapter_dirs],
             **({"compressed_max_error": max(errors.values())} if errors else {}),
         },
     )
@@ -131,6 +137,36 @@ def chain_adapters(
     return report
 
 
+@dataclass(frozen=True)
+class ChampionStart:
+    """The champion a run starts from, as the registry holds it: its trained ``adapter`` (raw,
+    with initial factors), its ``served`` plain LoRA for the stock base, and the plain LoRA its
+    own weights started from (``start_weights``; None when it was trained on the stock base)."""
+
+    strategy: str
+    adapter: Path
+    served: Path
+    start_weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STARTS:
+            raise ValueError(f"start strategy {self.strategy!r} is not one of {STARTS}")
+
+    @property
+    def weights(self) -> Path | None:
+        """The plain LoRA folded into the stock weights before the run: the champion itself
+        (refold), or what the champion started from (continue)."""
+        return self.served if self.strategy == "refold" else self.start_weights
+
+    def identity(self) -> dict[str, str]:
+        """What makes two starts the same start (for a run's key): strategy and adapters' bytes."""
+        from milora.layout import adapter_digest
+
+        folders = [self.adapter if self.strategy == "continue" else self.served]
+        folders += [self.start_weights] if self.strategy == "continue" and self.start_weights else []
+        return {"start": self.strategy, "start_sha256": adapter_digest(*folders)}
+
+
 def start_from_champion(
     base_model: nn.Module,
     champion_dir: str | os.PathLike[str],
@@ -141,11 +177,12 @@ def start_from_champion(
     """The trainable model a run from the champion starts with; before training it computes
     what the champion computes.
 
-    ``continue``: the champion's adapter on the stock ``base_model``, trainable (its method,
-    rank and initial factors are kept; ``spec`` must be None). ``refold``: the champion merged
-    into ``base_model``'s weights, then :func:`milora.init_adapter` with ``spec`` (and
-    ``init_options``: cache, device, seed) on the merged weights; its delta is relative to
-    them, so serve the run with :func:`chain_adapters` ``[champion, run]``."""
+    ``continue``: the champion's adapter on ``base_model`` (the weights it was trained on),
+    trainable (its method, rank and initial factors are kept; ``spec`` must be None).
+    ``refold``: the champion (a plain LoRA, its served adapter) merged into ``base_model``'s
+    weights, then :func:`milora.init_adapter` with ``spec`` (and ``init_options``: cache,
+    device, seed) on the merged weights; its delta is relative to them, so serve the run
+    with :func:`chain_adapters` ``[champion, run]``."""
     if strategy == "continue":
         if spec is not None:
             raise ValueError("continue keeps the champion's adapter: its method and rank cannot change")
@@ -156,6 +193,62 @@ def start_from_champion(
         merged = merge_adapter(base_model, champion_dir)
         return init_adapter(merged, spec, **init_options)  # type: ignore[arg-type]
     raise ValueError(f"start strategy {strategy!r} is not one of {STARTS}")
+
+
+def write_served(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    start_weights: str | os.PathLike[str] | None = None,
+    serve_rank: int | None = None,
+) -> ChainReport:
+    """The served plain LoRA for the stock base of a trained adapter: converted (rank 2r) from
+    a run on the stock weights, chained ``[start_weights, adapter]`` from a run that started
+    on folded weights, truncated to ``serve_rank`` when that is smaller."""
+    if start_weights is None and serve_rank is None:
+        manifest = read_manifest(convert_adapter(adapter_dir, out_dir)) or {}
+        return ChainReport(int(manifest.get("r", 0)), {})
+    members = [start_weights, adapter_dir] if start_weights is not None else [adapter_dir]
+    return chain_adapters(members, out_dir, serve_rank=serve_rank)
+
+
+def conversation_digest(conversation: Sequence[Any]) -> str:
+    """A conversation's identity across datasets (its messages, canonical JSON): 16 hex digits."""
+    text = json.dumps(list(conversation), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RowsSince:
+    """A run from the champion's training rows: ``new`` (not in the champion's dataset: new
+    facts and the records that supersede old ones) and ``earlier`` (a sample of the
+    still-valid records the champion's dataset held), out of ``earlier_total``."""
+
+    new: list[Any]
+    earlier: list[Any]
+    earlier_total: int
+
+    @property
+    def rows(self) -> list[Any]:
+        return self.new + self.earlier
+
+
+def rows_since(
+    conversations: Sequence[Any], parent_digests: set[str] | frozenset[str], earlier_share: float, seed: int
+) -> RowsSince:
+    """Split the current dataset against the champion's: every new row, plus
+    ``round(earlier_share * earlier)`` earlier ones chosen by ``seed`` alone (the same data
+    and seed give the same sample, in the dataset's order). A record the champion's data held
+    that was since superseded or retired is no longer in ``conversations``: never replayed."""
+    new, earlier = [], []
+    for conversation in conversations:
+        (earlier if conversation_digest(conversation) in parent_digests else new).append(conversation)
+
+    def draw(conversation: Any) -> str:
+        return hashlib.sha256(f"{seed}:{conversation_digest(conversation)}".encode()).hexdigest()
+
+    keep = {id(c) for c in sorted(earlier, key=draw)[: round(earlier_share * len(earlier))]}
+    return RowsSince(new, [c for c in earlier if id(c) in keep], len(earlier))
 
 
 CHAIN_VS_MERGED = "chained adapter vs the chain merged in turn"
@@ -173,7 +266,29 @@ def verify_chain(
         raise ValueError(f"{chained_dir} is not a chained adapter (milora.json lists no {CHAIN_KEY!r})")
     model = load_base()
     for member in members:
-        model = merge_adapter(model, member)
+        model = merge_adapter(model, Path(chained_dir) / member)  # relative to the chained folder
     reference = model.eval()(input_ids).logits.double()
     served = load_adapter(load_base(), chained_dir).eval()(input_ids).logits.double()
     return ((served - reference).norm() / reference.norm()).item()
+
+
+def read_parent(
+    folder: str | os.PathLike[str], strategy: str
+) -> tuple[dict[str, Any], ChampionStart | None, set[str]]:
+    """A parent folder's ``parent.json``, the start it offers under ``strategy`` (None: the
+    stock base) and the digests of the parent's dataset rows."""
+    from milora.layout import CHAIN_RECORD, RAW_ADAPTER, SERVED_ADAPTER, START_WEIGHTS
+
+    folder = Path(folder)
+    path = folder / PARENT_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; fetch the run's parent first (python -m tasks.parent)")
+    record = json.loads(path.read_text())
+    if record.get("start") != FROM_VERSION:
+        return record, None, set()
+    weights = folder / START_WEIGHTS
+    start = ChampionStart(
+        strategy, folder / RAW_ADAPTER, folder / SERVED_ADAPTER, weights if weights.is_dir() else None
+    )
+    rows = json.loads((folder / CHAIN_RECORD).read_text()).get("dataset_rows", [])
+    return record, start, set(rows)

@@ -6,6 +6,8 @@ A run folder (``train.run_dir``) holds::
     checkpoints/             Trainer checkpoints while training (removed after success)
     adapter/                 the trained MiLoRA adapter; it needs the residual base to load
     adapter_for_stock_base/  the same change as one plain LoRA for the unmodified base: served
+    start_weights/           run from the champion: the plain LoRA its weights started from
+    chain.json               parent, strategy, rows since the parent, the dataset's row digests
     metrics.jsonl            per-step training metrics
     loss.csv                 step, loss, learning rate (what ``dvc plots`` draws)
     train_summary.json       written last: its presence marks the run finished
@@ -36,6 +38,16 @@ LOSS_PLOT = "loss_curve.png"
 SUMMARY = "train_summary.json"
 ADAPTER_HASHES = "adapter_files.json"  # sha256 of every adapter file, written just before SUMMARY
 RUN_KEY = "run_key.json"
+# A run's place in a chain (milora.chain): the plain LoRA for the stock base folded into the
+# weights before it started (none for a run from the stock base), and its record: parent
+# version, strategy, rows new since the parent and replayed, and the digests of the company
+# conversations its dataset held (a run from it trains on what is new).
+START_WEIGHTS = "start_weights"
+CHAIN_RECORD = "chain.json"
+# A run's parent folder (train.parent_dir, written by tasks.parent): parent.json says whether
+# the run starts from the stock base or from a registered version whose adapters lie beside it.
+PARENT_RECORD = "parent.json"
+FROM_BASE, FROM_VERSION = "base", "champion"
 
 # The champion re-scored on a challenger's items (registry.champion_dir): per-suite pairs.
 PAIRED = "paired.json"

@@ -12,7 +12,11 @@ Every condition must hold, and each is reported with its numbers:
   interval), the challenger must be better beyond noise: the interval's low end above
   ``min_primary_gain``, so an equal or a noise-level challenger is not promoted. Without that
   (stored scores only) its score must be at least the champion's plus ``min_primary_gain``;
-* no retention suite forgets more than ``max_forgetting`` (measured against the stock base);
+* no retention suite forgets more than ``max_forgetting``, measured against the stock base:
+  cumulative over a chain of runs from the champion, so monthly losses within ``tolerance``
+  cannot add up unseen;
+* a served adapter truncated to a server's rank limit loses at most ``max_compression_error``
+  (relative, worst layer; the ``serving`` metrics);
 * every other suite scored for both is within ``tolerance`` of the champion, in the
   metric's own direction: a score at most ``tolerance`` lower; a lower-is-better metric
   (perplexity) at most ``tolerance`` higher *relative* to the champion's, as its forgetting is
@@ -37,6 +41,7 @@ CONFIDENCE = 0.95  # of the paired interval
 RESAMPLES = 2000  # bootstrap resamples (seeded: the same items give the same interval)
 # Per suite, in metrics.json / MLflow: the challenger minus the champion re-scored on the same items.
 PAIRED_KEYS = ("vs_champion_diff", "vs_champion_low", "vs_champion_high", "vs_champion_n")
+SERVING = "serving"  # metrics of the served adapter itself (rank, compression_error), not a suite
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,18 @@ def gate(
             stale <= rules.max_stale,
             f"{rules.primary_suite} stale rate {stale:.4f}{of} <= max {rules.max_stale:.4f}",
         )
+    serving = new.pop(SERVING, {})
+    if serving.get("compression_error"):
+        rank = f" to rank {int(serving['rank'])}" if serving.get("rank") else ""
+        check(
+            serving["compression_error"] <= rules.max_compression_error,
+            f"served adapter truncated{rank}: worst layer error {serving['compression_error']:.4f} "
+            f"<= max {rules.max_compression_error:.4f}",
+        )
     if champion is None:
         return GateResult(passed, reasons)
     old = by_suite(champion)
+    old.pop(SERVING, None)
 
     def paired(suite: str) -> PairedDifference | None:
         return PairedDifference.from_metrics(new.get(suite, {})) if rescored else None
@@ -176,7 +190,8 @@ def gate(
         if "forgetting" in values:
             check(
                 values["forgetting"] <= rules.max_forgetting,
-                f"{suite} forgetting {values['forgetting']:.4f} <= max {rules.max_forgetting:.4f}",
+                f"{suite} forgetting since the stock base {values['forgetting']:.4f} "
+                f"<= max {rules.max_forgetting:.4f}",
             )
     for suite in sorted(set(new) | set(old)):
         if suite == primary:

@@ -164,6 +164,26 @@ class ValidateSettings(Section):
         return self.policies.get(rule, default_policies()[rule])  # type: ignore[return-value]
 
 
+class ChampionStartSettings(Section):
+    """How a run from the champion (``train.start: champion``) begins and what it trains on."""
+
+    strategy: Literal["continue", "refold"] = Field(
+        "refold",
+        description="continue: keep training the champion's adapter; refold: merge it and "
+        "initialise afresh in the merged weights' minor subspace",
+    )
+    profile: str | None = Field(
+        None, description="hyperparameter profile of such a run (fewer steps); null: train.profile"
+    )
+    earlier_share: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="share of the still-valid company records of earlier months replayed with "
+        "the new ones (0: only what changed since the champion's data)",
+    )
+
+
 class TrainSettings(Section):
     """What adapter to train and with which hyperparameter profile.
 
@@ -185,11 +205,22 @@ class TrainSettings(Section):
     run_dir: str = Field("outputs/train", description="checkpoints, metrics, adapters")
     profile: str = Field("paper", description="key of profiles")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"paper": {}})
+    start: Literal["base", "champion"] = Field(
+        "base", description="base: every run from the stock base on all data; champion: from the champion"
+    )
+    from_champion: ChampionStartSettings = Field(default_factory=ChampionStartSettings)
+    parent_dir: str = Field(
+        "outputs/parent", description="the run's parent (the champion fetched from the registry)"
+    )
+    serve_rank: int | None = Field(
+        None, ge=1, description="served plain LoRA truncated to this rank (vLLM max_lora_rank); null: exact"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        if self.profile not in self.profiles:
-            raise ValueError(f"profile {self.profile!r} is not one of profiles: {sorted(self.profiles)}")
+        for key, name in (("profile", self.profile), ("from_champion.profile", self.from_champion.profile)):
+            if name is not None and name not in self.profiles:
+                raise ValueError(f"{key} {name!r} is not one of profiles: {sorted(self.profiles)}")
         for name in self.profiles:
             try:
                 self._config(name)
@@ -200,14 +231,22 @@ class TrainSettings(Section):
 
     def _config(self, name: str) -> TrainConfig:
         values = self.profiles[name]
-        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+        known = {f.name: f for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown hyperparameter(s) {unknown}; see milora/training/config.py")
+        for key, value in values.items():  # YAML reads 2e-3 as a string: say so, not a TypeError later
+            numeric = str(known[key].type).split(" | ")[0] in ("float", "int")
+            if numeric and isinstance(value, str):
+                raise ValueError(
+                    f"{key}: {value!r} is not a number (YAML needs a dot: write 2.0e-3, not 2e-3)"
+                )
         return TrainConfig(**values)
 
-    def hyperparameters(self) -> TrainConfig:
-        """The selected profile as a validated :class:`TrainConfig`."""
-        return self._config(self.profile)
+    def hyperparameters(self, from_champion: bool = False) -> TrainConfig:
+        """The selected profile as a validated :class:`TrainConfig` (``from_champion``: the
+        profile of a run that starts from the champion)."""
+        return self._config((self.from_champion.profile if from_champion else None) or self.profile)
 
     def adapter_spec(self, method: str | None = None, rank: int | None = None) -> AdapterSpec:
         """The adapter these settings describe; ``method``/``rank`` override the configured
@@ -299,6 +338,11 @@ class GateSettings(Section):
         ge=0.0,
         le=1.0,
         description="primary suite: share of changed facts answered with an old value, at most",
+    )
+    max_compression_error: float = Field(
+        0.05,
+        ge=0.0,
+        description="served adapter truncated to train.serve_rank: largest relative error of a layer's delta",
     )
 
 

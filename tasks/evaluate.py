@@ -3,7 +3,8 @@
 ``python -m tasks.evaluate [--params params.yaml] [--adapter DIR] [--out DIR] [--merged]``
 
 Every suite of ``evaluate.suites`` in ``params.yaml`` is scored on the base model (cached
-per base weights and suite, so once per base) and on base + adapter (or, with
+per base weights and suite, so once per base) and on base + the served adapter (the plain
+LoRA of ``adapter_for_stock_base``: what is deployed, a whole chain's change) (or, with
 ``evaluate.merged``, on the merged weights: the same scores). ``evaluate.out_dir`` is
 replaced as a whole when every suite ran: ``<suite>.json`` (score, n, every prediction),
 ``base/<suite>.json``, ``metrics.json`` (for DVC and MLflow: score, base score,
@@ -33,11 +34,16 @@ def evaluate(
 
     cfg = settings.evaluation
     run_dir = settings.path(settings.train.run_dir)
-    adapter = adapter_dir or run_dir / RAW_ADAPTER
     served = run_dir / SERVED_ADAPTER
+    # What is served is what is scored: the plain LoRA for the stock base (the whole change of
+    # a chain of runs from the champion, truncated to train.serve_rank when set), so
+    # forgetting is measured since the stock base.
+    adapter = adapter_dir or (served if served.is_dir() else run_dir / RAW_ADAPTER)
     # What was scored, by content: register refuses a run folder whose adapters differ from it.
     identity = (
-        {"adapter_digest": adapter_digest(adapter, served)} if adapter_dir is None and served.is_dir() else {}
+        {"adapter_digest": adapter_digest(run_dir / RAW_ADAPTER, served)}
+        if adapter_dir is None and served.is_dir()
+        else {}
     )
     metrics, _ = evaluate_adapter(
         settings.path(settings.base_model),
@@ -56,7 +62,9 @@ def evaluate(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="parameters file (default: params.yaml)")
-    parser.add_argument("--adapter", type=Path, help="adapter folder (default: <train.run_dir>/adapter)")
+    parser.add_argument(
+        "--adapter", type=Path, help="adapter folder (default: <train.run_dir>/adapter_for_stock_base)"
+    )
     parser.add_argument("--out", type=Path, help="results folder (default: evaluate.out_dir)")
     parser.add_argument("--merged", action="store_true", help="evaluate merged weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")

@@ -55,9 +55,20 @@ def version_history(registry: Registry) -> list[VersionPoint]:
                 rolled_back=bool(version.tags.get(ROLLED_BACK)),
                 created=version.created,
                 description=version.description,
+                parent=version.tags.get("parent_version") or None,
+                start=version.tags.get("start") or None,
+                train_seconds=_number(version.tags.get("train_seconds")),
+                stale_rate=next((m["stale_rate"] for m in suites.values() if "stale_rate" in m), None),
             )
         )
     return points
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def _history(settings: Settings) -> tuple[Registry | None, list[VersionPoint], list[str]]:
@@ -249,7 +260,9 @@ def html_report(settings: Settings, record: str | Path | None = None, rebuild: b
         if rebuild or not page.is_file():
             _write(page, render_run(run_page(settings, data, registry, history, spectra(data), live=False)))
     rows = [index_row(settings, path, data, pages) for path, data in records]
-    index = _write(out / "index.html", render_index(rows, history, notes))
+    index = _write(
+        out / "index.html", render_index(rows, history, notes, settings.registry.gate.primary_suite)
+    )
     logger.info("HTML report: %s (%d runs)", index, len(rows))
     return written or index
 

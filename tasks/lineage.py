@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from milora.digests import digest_files, file_sha256
-from milora.layout import RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
+from milora.layout import FROM_VERSION, PARENT_RECORD, RAW_ADAPTER, SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
 from tasks import LOCK_FILE, locked_hashes
 
@@ -179,7 +179,23 @@ def unchanged_version(settings: Settings) -> str | None:
         return None
     if champion_problem(settings):  # the flow reports it
         return None
+    if settings.train.start == FROM_VERSION and parent_outdated(settings):
+        return None
     return registered_version(settings, lineage(settings))
+
+
+def parent_outdated(settings: Settings) -> bool:
+    """Whether the fetched parent (``train.parent_dir``) is not the champion now (promoted or
+    rolled back since): DVC cannot see the registry, so a run from the champion asks it."""
+    import json
+
+    from tasks.registry import CHAMPION, Registry
+
+    path = settings.path(settings.train.parent_dir) / PARENT_RECORD
+    fetched = json.loads(path.read_text()).get("version") if path.is_file() else None
+    registry, _ = Registry.existing(settings)
+    champion = registry.alias(CHAMPION) if registry is not None else None
+    return fetched != (str(champion.number) if champion is not None else None)
 
 
 lineage_task = task(name="prepare", cache_policy=NO_CACHE)(lineage)

@@ -36,7 +36,7 @@ from milora.layout import RAW_ADAPTER, SERVED_ADAPTER
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import LOCK_FILE, parse_overrides, run_command
 from tasks.register import DATASET_FILES, LINEAGE_ARTIFACTS, RAW_FILES
-from tasks.registry import Registry, RegistryError
+from tasks.registry import Registry, RegistryError, configured_uri
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,26 @@ def _use_source_remote(source: Path, into: Path) -> None:
         local["remote"][name] = {"url": url}
 
 
+def _fetch_recorded_parent(settings: Settings, into: Path, tags: dict[str, str]) -> None:
+    """A version of a chain started from its parent version: fetch that one (not today's
+    champion) into the clone's ``train.parent_dir``, as the run had it, so ``dvc repro``
+    finds the parent stage's output as ``dvc.lock`` recorded it."""
+    from tasks.parent import fetch_parent
+
+    parent = tags.get("parent_version")
+    if not parent:
+        return
+    # The clone's parameters, on the store the version lives in (its own would be a new one).
+    rebuilt = load_settings(into / DEFAULT_PARAMS).with_overrides(
+        {
+            "registry.tracking_uri": configured_uri(settings),
+            "registry.model_name": settings.registry.model_name,
+        }
+    )
+    logger.info("fetching parent version %s into %s", parent, rebuilt.path(rebuilt.train.parent_dir))
+    fetch_parent(rebuilt, parent)
+
+
 def rebuild(
     settings: Settings, ref: str, into: str | os.PathLike[str], *, recompute: bool = False
 ) -> dict[str, Any]:
@@ -177,6 +197,7 @@ def rebuild(
     if recompute:
         _pull_versioned_inputs(into)
         _check_raw_files(into, recorded[RAW_FILES], str(version.number), commit)
+        _fetch_recorded_parent(settings, into, tags)
         logger.info("recomputing version %s with dvc repro in %s", version.number, into)
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "repro"], cwd=into, env=stage_env(), capture_output=True, text=True

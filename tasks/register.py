@@ -36,6 +36,8 @@ from typing import Any
 
 from milora.digests import folder_sha256
 from milora.layout import (
+    CHAIN_RECORD,
+    FROM_BASE,
     LOSS_PLOT,
     LOSS_TABLE,
     METRICS,
@@ -43,10 +45,11 @@ from milora.layout import (
     RAW_ADAPTER,
     RUN_KEY,
     SERVED_ADAPTER,
+    START_WEIGHTS,
     SUMMARY,
     adapter_digest,
 )
-from milora.promotion import PairedDifference, by_suite, flatten, gate
+from milora.promotion import SERVING, PairedDifference, by_suite, flatten, gate
 from milora.records import IDENTITY_KEYS, LINEAGE_KEYS, REQUIRED_LINEAGE, Decision, RunStatus
 from milora.redact import redact
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
@@ -82,7 +85,10 @@ RAW_FILES, DATASET_FILES = "raw_files.json", "dataset_files.json"
 ADAPTER_FILES = frozenset(
     {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "milora.json", "README.md"}
 )
-TRAIN_ARTIFACTS = (LOSS_PLOT, SUMMARY, METRICS, LOSS_TABLE, RUN_KEY)
+TRAIN_ARTIFACTS = (LOSS_PLOT, SUMMARY, METRICS, LOSS_TABLE, RUN_KEY, CHAIN_RECORD)
+TRAIN_ARTIFACT_DIR = "train"  # run artifact folder of TRAIN_ARTIFACTS
+# Keys of a run's chain.json that become version tags (tasks/train.py writes them).
+CHAIN_TAGS = ("start", "parent_version", "rows_new", "rows_earlier", "earlier_share", "replay_share")
 BASE_DIGEST_MAX_BYTES = 2 << 30  # hash the base weights only when that is cheap
 
 
@@ -155,9 +161,12 @@ def _check_lineage(lineage: Mapping[str, Any]) -> dict[str, str]:
     return {key: str(value) for key, value in lineage.items() if value is not None and value != ""}
 
 
-def _params(settings: Settings) -> dict[str, str]:
+def _params(settings: Settings, chain_tags: Mapping[str, str]) -> dict[str, str]:
+    """The run's parameters; a run from the champion trained with ``train.from_champion.profile``."""
     spec = settings.train.adapter_spec()
     targets = spec.target_modules
+    from_champion = chain_tags.get("start", FROM_BASE) != FROM_BASE
+    cfg = settings.train
     params = {
         "method": spec.method,
         "rank": spec.r,
@@ -165,9 +174,9 @@ def _params(settings: Settings) -> dict[str, str]:
         "targets": targets if isinstance(targets, str) else ",".join(targets),
         "dropout": spec.lora_dropout,
         "solver": spec.solver,
-        "profile": settings.train.profile,
+        "profile": (cfg.from_champion.profile if from_champion else None) or cfg.profile,
         "base_model": settings.base_model,
-        **asdict(settings.train.hyperparameters()),
+        **asdict(cfg.hyperparameters(from_champion=from_champion)),
     }
     return {key: str(value) for key, value in params.items()}
 
@@ -244,7 +253,7 @@ def _log_artifacts(run: RunWriter, paths: dict[str, Path]) -> None:
     run_dir, eval_dir, reports = paths["run_dir"], paths["eval_dir"], paths["reports"]
     for name in TRAIN_ARTIFACTS:
         if (run_dir / name).is_file():
-            run.log_file(run_dir / name, "train")
+            run.log_file(run_dir / name, TRAIN_ARTIFACT_DIR)
     for path in [*sorted(eval_dir.glob("*.json")), eval_dir / "summary.md"]:
         if path.is_file():
             run.log_file(path, "eval")
@@ -267,10 +276,30 @@ def _log_artifacts(run: RunWriter, paths: dict[str, Path]) -> None:
     if (champion / "paired.json").is_file():
         for path in sorted(champion.glob("*.json")) + sorted(champion.glob("*.md")):
             run.log_file(path, "eval/champion")
-    for folder in (paths["raw"], paths["served"]):
+    weights = run_dir / START_WEIGHTS  # a run from the champion: what its weights started from
+    for folder in (paths["raw"], paths["served"], *([weights] if weights.is_dir() else [])):
         for path in adapter_files(folder):
             parent = path.parent.relative_to(folder)
             run.log_file(path, folder.name if str(parent) == "." else f"{folder.name}/{parent.as_posix()}")
+
+
+def chain_facts(run_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """A version's place in its chain, as registry tags (parent version, start strategy, rows
+    since the parent, replay shares), and its served adapter's metrics (rank, truncation
+    error: the gate's ``max_compression_error``)."""
+    record = _read_json(run_dir / CHAIN_RECORD) if (run_dir / CHAIN_RECORD).is_file() else {}
+    summary = _read_json(run_dir / SUMMARY)
+    tags = {key: str(record[key]) for key in CHAIN_TAGS if record.get(key) is not None}
+    if summary.get("seconds") is not None:
+        tags["train_seconds"] = f"{float(summary['seconds']):.1f}"
+    weights = run_dir / START_WEIGHTS / "adapter_config.json"
+    if weights.is_file():
+        tags["start_weights_rank"] = str(_read_json(weights).get("r", ""))
+    metrics = {
+        f"{SERVING}.rank": float(summary.get("served_rank") or 0),
+        f"{SERVING}.compression_error": float(summary.get("compression_error") or 0.0),
+    }
+    return tags, metrics
 
 
 def _serving_config(settings: Settings, base_model: str) -> dict[str, Any]:
@@ -298,8 +327,8 @@ def _check_evaluated(paths: dict[str, Path], digest: str) -> None:
             f"{paths['eval_dir']} scored adapters with digest {evaluated[:12]}, but {paths['run_dir']} now "
             f"holds {digest[:12]}: the adapters changed after evaluation (rerun the evaluate stage)"
         )
-    if info.get("adapter") and Path(info["adapter"]).resolve() != paths["raw"].resolve():
-        logger.warning("the evaluation is of %s, not of %s", info["adapter"], paths["raw"])
+    if info.get("adapter") and Path(info["adapter"]).resolve() != paths["served"].resolve():
+        logger.warning("the evaluation is of %s, not of %s", info["adapter"], paths["served"])
 
 
 def _rescored(folder: Path, registry: Registry) -> tuple[str, dict[str, dict[str, float]]] | None:
@@ -385,8 +414,11 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
         return _already_registered(registry, existing)
 
     spec = settings.train.adapter_spec()
+    chain_tags, serving = chain_facts(paths["run_dir"])
+    flat.update(serving)
     tags = {
         **lineage,
+        **chain_tags,
         "method": spec.method,
         "rank": str(spec.r),
     }
@@ -409,7 +441,7 @@ def register(settings: Settings, lineage: dict[str, str]) -> dict[str, Any]:
         run.log_metrics(
             _train_metrics(paths["run_dir"] / METRICS) + [(key, value, now, 0) for key, value in flat.items()]
         )
-        run.log_params(_params(settings))
+        run.log_params(_params(settings, chain_tags))
         _log_dataset(run, settings, paths["dataset"], lineage)
         _log_artifacts(run, paths)
         _log_input_files(run, settings, paths["dataset"])

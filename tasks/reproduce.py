@@ -33,7 +33,7 @@ from tasks import ERROR_FILE_ENV, TEMPFAIL, stage_task
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("ingest", "validate", "init", "train", "evaluate")
+STAGES = ("ingest", "validate", "parent", "init", "train", "evaluate")
 _EXIT = re.compile(r"exited with (\d+)")
 _CWD_LOCK = threading.Lock()
 _SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping")
@@ -92,8 +92,11 @@ def _failure(stage: str, dvc_code: int, output: str, message: str) -> Exception:
     return StageFailedError(f"stage {stage!r} failed (exit {code}){where}: {said}")
 
 
-def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False) -> StageRun:
-    """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed."""
+def reproduce(
+    stage: str, root: str | os.PathLike[str] = ".", *, force: bool = False, env: dict[str, str] | None = None
+) -> StageRun:
+    """Run ``stage`` of the DVC pipeline in ``root`` if anything it depends on changed (``env``:
+    added to its command's environment)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
     started = time.perf_counter()
@@ -106,7 +109,7 @@ def reproduce(stage: str, root: str | os.PathLike[str] = ".", *, force: bool = F
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     with tempfile.TemporaryDirectory(prefix="milora-stage-") as scratch:
         said = Path(scratch) / "error.txt"
-        env = {**stage_env(), ERROR_FILE_ENV: str(said)}
+        env = {**stage_env(), **(env or {}), ERROR_FILE_ENV: str(said)}
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
         message = said.read_text(encoding="utf-8").strip() if said.is_file() else ""
     seconds = time.perf_counter() - started

@@ -7,7 +7,15 @@ adapter of ``train.init_dir`` (written by ``python -m tasks.init``; without it, 
 named by ``train`` in ``params.yaml`` is initialised here) with the hyperparameters of
 ``train.profile``. The run folder (``train.run_dir``) ends with
 ``adapter/`` (with its initial factors), ``adapter_for_stock_base/`` (plain LoRA, rank
-2r), ``metrics.jsonl``, ``loss_curve.png`` and ``train_summary.json``.
+2r), ``metrics.jsonl``, ``loss_curve.png``, ``train_summary.json`` and ``chain.json``.
+
+When the parent stage (``python -m tasks.parent``, from ``train.start: champion`` or the
+flow's ``start``) put a version in ``train.parent_dir``, the run starts from that version (``train.from_champion.strategy``:
+``continue`` or ``refold``, :mod:`milora.chain`) with the profile
+``train.from_champion.profile``, on what changed since the parent's dataset (new and
+superseding records) plus ``earlier_share`` of the still-valid earlier company records, and
+the general replay data at the profile's ``replay_share``. Its served adapter is the whole
+change since the stock weights (truncated to ``train.serve_rank`` when set).
 
 Training runs in a work folder beside the run folder (``.<name>.work``) that replaces it
 only when training finished: a failed or killed run leaves the last trained adapter where it
@@ -35,8 +43,17 @@ logger = logging.getLogger(__name__)
 def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train the configured adapter on the dataset's training split; returns the summary."""
     from milora.atomic import mark_output, replace_directory
+    from milora.chain import conversation_digest, read_parent, rows_since
     from milora.data.dataset import REPLAY, load_messages, read_manifest
-    from milora.layout import MANIFEST, RAW_ADAPTER, RUN_KEY
+    from milora.layout import (
+        CHAIN_RECORD,
+        FROM_BASE,
+        FROM_VERSION,
+        MANIFEST,
+        PARENT_RECORD,
+        RAW_ADAPTER,
+        RUN_KEY,
+    )
     from milora.training.loop import finished_run, is_main_process
     from milora.training.run import run_key, run_training
 
@@ -49,17 +66,51 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     replay = load_messages(dataset, "train", REPLAY)
     out = claim(settings, run_dir, "train.run_dir")
     init_dir = settings.path(cfg.init_dir)
+    # The parent stage decided where this run starts (train.start, or the flow's start) and
+    # recorded it: that record, a DVC dependency of this stage, is followed.
+    parent_dir = settings.path(cfg.parent_dir)
+    parent, start, parent_rows = (
+        read_parent(parent_dir, cfg.from_champion.strategy)
+        if (parent_dir / PARENT_RECORD).is_file() or cfg.start == FROM_VERSION
+        else ({"start": FROM_BASE}, None, set())
+    )
+    spec, config = cfg.adapter_spec(), cfg.hyperparameters(from_champion=start is not None)
+    chain: dict[str, Any] = {"start": FROM_BASE, "replay_share": config.replay_share}
+    rows = conversations
+    if start is not None:
+        _check_continue(start, spec)
+        since = rows_since(conversations, parent_rows, cfg.from_champion.earlier_share, config.seed)
+        if not since.rows:
+            raise ValueError(
+                f"{dataset}: nothing new since version {parent['version']}'s data and no earlier row "
+                "replayed (train.from_champion.earlier_share is 0): nothing to train on"
+            )
+        rows = since.rows
+        chain.update(
+            start=start.strategy,
+            parent_version=parent["version"],
+            parent_data_version=parent.get("data_version", ""),
+            rows_new=len(since.new),
+            rows_earlier=len(since.earlier),
+            earlier_total=since.earlier_total,
+            earlier_share=cfg.from_champion.earlier_share,
+        )
+    profile = (cfg.from_champion.profile if start is not None else None) or cfg.profile
     logger.info(
-        "training %s r=%d (profile %s) on %d conversations of %s (%d rows in all)",
+        "training %s r=%d (profile %s, from %s) on %d conversations of %s (%d rows in all)",
         cfg.method,
         cfg.rank,
-        cfg.profile,
-        len(conversations),
+        profile,
+        f"version {parent['version']} ({start.strategy})" if start is not None else "the stock base",
+        len(rows),
         dataset,
         manifest.get("rows", len(conversations)),
     )
-    base, spec, config = settings.path(settings.base_model), cfg.adapter_spec(), cfg.hyperparameters()
-    key = run_key(base, conversations, spec, config, replay)
+    # The dataset's company rows, not only those trained on: a run from this one trains on
+    # what is new since this dataset.
+    chain["dataset_rows"] = sorted({conversation_digest(c) for c in conversations})
+    base = settings.path(settings.base_model)
+    key = run_key(base, rows, spec, config, replay, start=start, serve_rank=cfg.serve_rank)
     published = out / RUN_KEY
     result = finished_run(out) if published.is_file() and json.loads(published.read_text()) == key else None
     if result is not None:
@@ -73,17 +124,20 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         work = out.parent / f".{out.name}.work"
         result = run_training(
             base,
-            conversations,
+            rows,
             work,
             spec,
             config,
             cache_dir=settings.path(cfg.cache_dir) if cfg.cache_dir else None,
             device=cfg.device,
             restart=True,
-            init_dir=init_dir if (init_dir / MANIFEST).is_file() else None,
+            init_dir=init_dir if start is None and (init_dir / MANIFEST).is_file() else None,
             replay=replay,
+            start=start,
+            serve_rank=cfg.serve_rank,
         )
         if is_main_process():  # under torchrun, one process publishes
+            (work / CHAIN_RECORD).write_text(json.dumps(chain, indent=1, sort_keys=True) + "\n")
             mark_output(work)
             replace_directory(work, out)
     return {
@@ -97,7 +151,30 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
         "replay_per_batch": result.replay_per_batch,
         "resumed_from": result.resumed_from,
         "already_trained": result.already_trained,
+        "served_rank": result.served_rank,
+        "compression_error": result.compression_error,
+        **{key: value for key, value in chain.items() if key != "dataset_rows"},
     }
+
+
+def _check_continue(start: Any, spec: Any) -> None:
+    """``continue`` trains the champion's own adapter: params.yaml must describe that adapter
+    (the registry tags the version with the configured method and rank)."""
+    from milora.adapter_io import read_manifest, spec_from_manifest
+
+    if start.strategy != "continue":
+        return
+    found = spec_from_manifest(read_manifest(start.adapter) or {})
+    if (found.method, found.r, tuple(found.target_modules)) != (
+        spec.method,
+        spec.r,
+        tuple(spec.target_modules),
+    ):
+        raise ValueError(
+            f"train.from_champion.strategy continue keeps the champion's adapter ({found.method} "
+            f"r={found.r}, {list(found.target_modules)}), but params.yaml asks for {spec.method} r={spec.r}, "
+            f"{list(spec.target_modules)}: use strategy refold to change the adapter, or start: base"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,3 +114,23 @@ def test_the_command_line_chains_and_verify_checks_the_chain(months, tmp_path):
     )
     failed = runner.invoke(app, ["verify", str(tmp_path / "base"), str(tmp_path / "short")])
     assert failed.exit_code == 1 and "FAILED" in failed.output
+
+
+def test_a_run_from_the_champion_trains_on_what_changed_and_a_seeded_sample_of_the_rest():
+    from milora.chain import conversation_digest, rows_since
+
+    def chat(i, answer="yes"):
+        return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": answer}]
+
+    parent = {conversation_digest(chat(i)) for i in range(10)}  # the champion's dataset: q0..q9
+    # Now: q0..q7 still valid, q8 superseded (new answer), q9 retired (gone), q10..q12 new.
+    current = [chat(i) for i in range(8)] + [chat(8, "no")] + [chat(i) for i in range(10, 13)]
+    since = rows_since(current, parent, 0.5, seed=1)
+    assert since.new == [chat(8, "no"), chat(10), chat(11), chat(12)]
+    assert since.earlier_total == 8 and len(since.earlier) == 4
+    assert all(row in current[:8] for row in since.earlier)  # in the dataset's order, never a stale row
+    assert since.earlier == [c for c in current[:8] if c in since.earlier]
+    assert rows_since(current, parent, 0.5, seed=1) == since  # seeded: the same sample
+    assert rows_since(current, parent, 0.5, seed=2).earlier != since.earlier
+    assert rows_since(current, parent, 0.0, seed=1).rows == since.new
+    assert len(rows_since(current, parent, 1.0, seed=1).rows) == 12

@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import BIN, COPIED, free_port, make_project, stop, wait_healthy
+from conftest import BIN, COPIED, drop, free_port, git, make_project, stop, wait_healthy
 from mlflow import MlflowClient
 
 from milora.offline import OFFLINE_ENV
@@ -107,3 +107,28 @@ def test_scheduled_deployment_runs_on_a_worker(servers, tmp_path, chat_model_dir
     assert list(answers) == expected and expected[0].strip(), (answers, expected)
     record = json.loads(sorted((project / "outputs" / "runs").glob("*.json"))[-1].read_text())
     assert record["status"] == "promoted" and record["flow_run"]["name"]
+
+    # Next month's drop, run by the same deployment from the champion (its `start` parameter;
+    # params.yaml says base): version 2 builds on version 1, and the registry says so.
+    assert "'start': 'base'" in cli("deployment", "inspect", "retrain/retrain-full")
+    drop(project, "drop_02", 24, 10)
+    git(project, "add", "-A")
+    git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "drop 2")
+    cli(
+        "deployment",
+        "run",
+        "retrain/retrain",
+        "--param",
+        "skip_if_no_new_data=false",
+        "--param",
+        "start=champion",
+    )
+    worker = subprocess.run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "milora-local", "--run-once"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    second = max(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    assert second.version == "2", second
+    assert (second.tags["start"], second.tags["parent_version"]) == ("refold", "1"), second.tags
+    assert int(second.tags["rows_new"]) > 0 and second.tags["start_weights_rank"] == "8"

@@ -198,6 +198,7 @@ def test_a_failed_stage_leaves_every_published_output_as_it_was(project):
     outputs = {
         "ingest": settings.ingest.out_dir,
         "validate": settings.validation.dataset_dir,
+        "parent": settings.train.parent_dir,
         "init": settings.train.init_dir,
         "train": settings.train.run_dir,
         "evaluate": settings.evaluation.out_dir,
@@ -322,6 +323,29 @@ def test_a_version_from_an_uncommitted_drop_names_the_drop_on_recompute(project,
     pulled = tmp_path / "pulled"
     assert rebuild_main([version, "--into", str(pulled), "--params", params]) == 0
     assert adapter_bytes(pulled / "outputs" / "train") == adapter_bytes(project / "outputs" / "train")
+
+
+def test_a_version_from_the_champion_records_its_parent_and_is_rebuilt_from_it(project, harness, tmp_path):
+    """The flow's `start` (a deployment parameter) builds on the champion: the version records
+    its parent and strategy, and `rebuild --recompute` fetches that parent version (not the
+    champion of the day) and recomputes the very adapter."""
+    params = str(project / "params.yaml")
+    shutil.rmtree(project / "company" / "drop_02", ignore_errors=True)  # the uncommitted drop above
+    drop(project, "drop_03", 40, 10)
+    git(project, "add", "-A")
+    git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "drop 3")
+    client, name = registry(project)
+    parent = client.get_model_version_by_alias(name, "champion").version
+    result = retrain(params, start="champion")
+    assert result["status"] in ("promoted", "rejected by the gate"), result
+    assert result["stages"]["parent"] and result["stages"]["train"]
+    version = latest_record(project)["registration"]["version"]
+    tags = client.get_model_version(name, version).tags
+    assert (tags["parent_version"], tags["start"]) == (parent, "refold") and int(tags["rows_new"]) > 0
+    rebuilt = rebuild(load_settings(project / "params.yaml"), version, tmp_path / "clone", recompute=True)
+    assert rebuilt["matches"] == {"data_version": True, "adapter_weights": True}, rebuilt
+    recorded = json.loads((tmp_path / "clone" / "outputs" / "parent" / "parent.json").read_text())
+    assert recorded["version"] == parent
 
 
 def test_file_differences_name_each_file():

@@ -33,8 +33,8 @@ def test_a_better_challenger_passes_with_every_condition_stated():
     assert result.passed, result.reasons
     assert result.reasons == [
         "company score 0.6000 >= champion 0.5000 + min gain 0.0000 = 0.5000: ok",
-        "recall forgetting 0.0500 <= max 0.1000: ok",
-        "text forgetting 0.0000 <= max 0.1000: ok",
+        "recall forgetting since the stock base 0.0500 <= max 0.1000: ok",
+        "text forgetting since the stock base 0.0000 <= max 0.1000: ok",
         "recall score 0.5000 >= champion 0.5000 - tolerance 0.0200 = 0.4800: ok",
         "text perplexity 20.0000 <= champion 20.0000 x (1 + tolerance 0.0200) = 20.4000 (lower is better): ok",
     ]
@@ -47,7 +47,10 @@ def test_a_better_challenger_passes_with_every_condition_stated():
             {"company.score": 0.3},
             "company score 0.3000 >= champion 0.5000 + min gain 0.0000 = 0.5000: FAILED",
         ),
-        ({"company.score": 0.6, "recall.forgetting": 0.25}, "recall forgetting 0.2500 <= max 0.1000: FAILED"),
+        (
+            {"company.score": 0.6, "recall.forgetting": 0.25},
+            "recall forgetting since the stock base 0.2500 <= max 0.1000: FAILED",
+        ),
         (
             {"company.score": 0.6, "recall.score": 0.4},
             "recall score 0.4000 >= champion 0.5000 - tolerance 0.0200 = 0.4800: FAILED",
@@ -180,3 +183,46 @@ def test_stored_scores_of_different_sizes_are_said_to_be_so():
     old = {"company.score": 0.5, "company.n": 80.0}
     (reason,) = gate(new, old, RULES).reasons
     assert reason.endswith("(n=90 vs 80: stored scores of different items, not re-scored): ok")
+
+
+def test_a_chain_that_drifts_a_little_each_month_is_stopped_by_its_cumulative_forgetting():
+    """Each month from the champion loses 0.015 on the retention suite: within the tolerance
+    against the champion every time, but forgetting is measured since the stock base, so the
+    month whose total passes max_forgetting is rejected (and the champion stays)."""
+    champion = {"company.score": 0.5, "recall.score": 0.9, "recall.base_score": 0.9, "recall.forgetting": 0.0}
+    for month in range(1, 12):
+        recall = 0.9 - 0.015 * month
+        challenger = {
+            "company.score": champion["company.score"] + 0.01,
+            "recall.score": recall,
+            "recall.base_score": 0.9,
+            "recall.forgetting": 0.9 - recall,
+        }
+        result = gate(challenger, champion, RULES)
+        within = [r for r in result.reasons if r.startswith("recall score")]
+        assert within and within[0].endswith(": ok")  # never more than tolerance below the champion
+        if not result.passed:
+            break
+        champion = challenger
+    assert (
+        month == 7 and "recall forgetting since the stock base 0.1050 <= max 0.1000: FAILED" in result.reasons
+    )
+
+
+def test_a_served_adapter_truncated_beyond_the_allowed_error_is_not_promoted():
+    rules = RULES.model_copy(update={"max_compression_error": 0.05})
+    better = {**CHAMPION, "company.score": 0.6}
+    exact = gate({**better, "serving.rank": 32.0, "serving.compression_error": 0.0}, CHAMPION, rules)
+    assert exact.passed and not any("truncated" in r for r in exact.reasons)
+    close = gate({**better, "serving.rank": 64.0, "serving.compression_error": 0.01}, CHAMPION, rules)
+    assert (
+        close.passed
+        and "served adapter truncated to rank 64: worst layer error 0.0100 <= max 0.0500: ok"
+        in (close.reasons)
+    )
+    lossy = gate({**better, "serving.rank": 8.0, "serving.compression_error": 0.2}, None, rules)
+    assert not lossy.passed  # even a first model
+    assert (
+        "served adapter truncated to rank 8: worst layer error 0.2000 <= max 0.0500: FAILED" in lossy.reasons
+    )
+    assert not any(r.startswith("serving") for r in close.reasons)  # not compared as a suite

@@ -377,7 +377,9 @@ def test_first_model_is_promoted_then_a_better_one_replaces_it_and_rollback_rest
         "previous": "1",
     }
     assert any(r.startswith("company score 0.6000 >= champion 0.4000") for r in decision["reasons"])
-    assert any("recall forgetting 0.0500 <= max 0.1000: ok" in r for r in decision["reasons"])
+    assert any(
+        "recall forgetting since the stock base 0.0500 <= max 0.1000: ok" in r for r in decision["reasons"]
+    )
     tags = client.get_model_version(name, "2").tags
     assert tags["gate.decision"] == "promoted" and tags["previous_champion"] == "1"
     assert "against champion v1" in tags["gate.reasons"]

@@ -220,7 +220,12 @@ def test_report_pages_and_index_from_records_and_registry(project, capsys):
     # A failure's whole reason, not just its first line (which says only which stage failed).
     assert "stage &#x27;validate&#x27; failed (exit 1):\n" + FAILURE in index
     assert "company score 0.4000 &gt;= champion" in index  # the gate's failed condition
-    assert "Champion: version 1" in index and _plot_titles(index) == ["metrics across model versions"]
+    assert "Champion: version 1" in index
+    assert _plot_titles(index) == ["metrics across model versions", "retraining across model versions"]
+    chain = _svg(index, "retraining across model versions")  # cost, truth, stale, forgetting per version
+    for panel in ("training seconds", "primary score (current truth)", "max forgetting since the stock base"):
+        assert f">{panel}<" in chain, panel
+    assert "<th>start</th><th>parent</th>" in index.replace("\n", "")
     # Self-contained: no script, nothing fetched.
     for html in [index, *(p.read_text() for p in pages)]:
         assert "<script" not in html and not re.search(r"(src|href)=\"https?:|url\(http|@import", html)

@@ -30,6 +30,10 @@ class VersionPoint:
     rolled_back: bool = False  # was champion, then demoted by a rollback
     created: float | None = None  # seconds since the epoch
     description: str = ""
+    parent: str | None = None  # the version it started from (a run from the champion)
+    start: str | None = None  # base | continue | refold
+    train_seconds: float | None = None  # the training stage's cost
+    stale_rate: float | None = None  # primary suite: changed facts answered with an old value
 
 
 @dataclass

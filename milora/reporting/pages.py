@@ -185,6 +185,8 @@ def _history(history: Sequence[VersionPoint]) -> str:
         (
             escape(p.version) + (" ★ champion" if p.champion else ""),
             _when(p.created),
+            escape(p.start or ""),
+            escape(p.parent or ""),
             escape((p.decision or "") + (", rolled back" if p.rolled_back else "")),
             ", ".join(f"{escape(k)} {v:.4f}" for k, v in sorted(p.scores.items())),
             escape(p.description),
@@ -196,7 +198,23 @@ def _history(history: Sequence[VersionPoint]) -> str:
         "score per suite across registered versions (filled: promoted, hollow: rejected, "
         "x: rolled back, star: current champion)",
         "no registered model versions yet",
-    ) + (_table(["version", "registered", "gate", "scores", "description"], rows) if rows else "")
+    ) + (
+        _table(["version", "registered", "start", "parent", "gate", "scores", "description"], rows)
+        if rows
+        else ""
+    )
+
+
+def _chain(history: Sequence[VersionPoint], primary: str) -> str:
+    """Month by month: what each version cost, scored, answered stale and forgot in all."""
+    return _figure(
+        plots.chain_plot(history, primary),
+        "per registered version: training seconds, the primary suite on the current truth, its "
+        "stale rate and the largest forgetting since the stock base (cumulative over a chain); "
+        "o: from the stock base, s: continued from its parent, ^: refolded on its parent; "
+        "filled: promoted",
+        "no registered model versions yet",
+    )
 
 
 def _changed_facts(record: dict[str, Any]) -> str:
@@ -250,7 +268,12 @@ def render_run(page: RunPage) -> str:
     return _document(f"retrain {name}: {status}", "\n".join(parts))
 
 
-def render_index(rows: Sequence[IndexRow], history: Sequence[VersionPoint], notes: Sequence[str] = ()) -> str:
+def render_index(
+    rows: Sequence[IndexRow],
+    history: Sequence[VersionPoint],
+    notes: Sequence[str] = (),
+    primary: str = "company",
+) -> str:
     """All runs, newest first (failed ones with their reason), and the champion's history."""
     champion = next((p for p in history if p.champion), None)
     parts = [f"<h1>Retrain runs</h1><p>{len(rows)} run(s); generated {_when(time.time())}</p>"]
@@ -292,6 +315,8 @@ def render_index(rows: Sequence[IndexRow], history: Sequence[VersionPoint], note
     )
     parts.append("<h2>Champion history across model versions</h2>")
     parts.append(_history(history))
+    parts.append("<h2>Retraining month by month</h2>")
+    parts.append(_chain(history, primary))
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>")
     return _document("retrain runs", "\n".join(parts))

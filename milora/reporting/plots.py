@@ -190,3 +190,42 @@ def history_plot(history: Sequence[VersionPoint]) -> str | None:
             ax.xaxis.get_major_locator().set_params(integer=True)
 
     return _small_multiples(suites, draw, "metrics across model versions")
+
+
+def _max_forgetting(p: VersionPoint, primary: str) -> float | None:
+    return max(p.forgetting.values()) if p.forgetting else None
+
+
+CHAIN_CURVES: dict[str, Callable[[VersionPoint, str], float | None]] = {  # month by month, per version
+    "training seconds": lambda p, _: p.train_seconds,
+    "primary score (current truth)": lambda p, primary: p.scores.get(primary),
+    "stale rate": lambda p, _: p.stale_rate,
+    "max forgetting since the stock base": _max_forgetting,
+}
+
+
+def chain_plot(history: Sequence[VersionPoint], primary: str) -> str | None:
+    """Cost, current-truth score, stale rate and cumulative forgetting across versions, each
+    marked by how it started (o: the stock base, s: continue, ^: refold; filled: promoted)."""
+    points = sorted((p for p in history if p.version.isdigit()), key=lambda p: int(p.version))
+    if not points:
+        return None
+    markers = {"continue": "s", "refold": "^"}
+
+    def draw(ax: Axes, title: str) -> None:
+        have = [(int(p.version), CHAIN_CURVES[title](p, primary), p) for p in points]
+        have = [(v, y, p) for v, y, p in have if y is not None]
+        ax.plot([v for v, _, _ in have], [y for _, y, _ in have], color=COLORS["base"], lw=1)
+        for version, y, p in have:
+            promoted = p.decision == Decision.PROMOTED and not p.rolled_back
+            ax.plot(
+                version,
+                y,
+                markers.get(p.start or "", "o"),
+                markerfacecolor=COLORS["champion"] if promoted else "white",
+                markeredgecolor=COLORS["champion"] if promoted else COLORS["base"],
+            )
+        ax.set_xlabel("model version", fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+
+    return _small_multiples(list(CHAIN_CURVES), draw, "retraining across model versions")

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from milora.adapter_io import save_adapter, write_initial
-from milora.conversion import convert_adapter
+from milora.chain import write_served
 from milora.digests import file_differences, folder_sha256
 from milora.errors import UserFacingError
 from milora.layout import (
@@ -73,6 +73,8 @@ class TrainResult:
     already_trained: bool = False
     replay_examples: int = 0
     replay_per_batch: int = 0
+    served_rank: int = 0
+    compression_error: float = 0.0  # worst layer's relative error of the served truncation (0: exact)
 
 
 def adapter_hashes(run_dir: str | os.PathLike[str]) -> dict[str, str]:
@@ -294,11 +296,16 @@ def train_adapter(
     resume_from: str | os.PathLike[str] | None = None,
     base_model: str | None = None,
     replay: Sequence[Sequence[Message]] = (),
+    start_weights: Path | None = None,
+    serve_rank: int | None = None,
 ) -> TrainResult:
     """Train ``model``'s adapter on ``conversations``; write ``run_dir/adapter`` on success.
 
     ``replay``: general conversations mixed into every batch at ``config.replay_share``
     (:class:`ReplayMixSampler`); an epoch is then one pass over ``conversations``.
+
+    The served adapter is :func:`milora.chain.write_served` of the trained one (chained after
+    ``start_weights`` when the run started on folded weights; truncated to ``serve_rank``).
 
     ``resume_from`` is a checkpoint folder of this run (see :func:`last_complete_checkpoint`);
     the model must then already hold this run's initial state (``load_adapter`` of
@@ -363,12 +370,14 @@ def train_adapter(
         replay_per_batch=config.replay_rows_per_batch() if mixed else 0,
     )
     if is_main_process():
+        save_adapter(model, final, base_model=base_model, overwrite=True)
+        served = run_dir / SERVED_ADAPTER
+        shutil.rmtree(served, ignore_errors=True)
+        report = write_served(final, served, start_weights=start_weights, serve_rank=serve_rank)
+        result.served_rank, result.compression_error = report.rank, report.max_error
         # Relative: the folder can be moved (the train stage publishes it by a rename).
         summary = {**asdict(result), "adapter_dir": RAW_ADAPTER, "config": asdict(config)}
         save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
-        served = run_dir / SERVED_ADAPTER
-        shutil.rmtree(served, ignore_errors=True)
-        convert_adapter(final, served)  # plain LoRA for the stock base (rank 2r)
         write_loss_table(run_dir / METRICS, run_dir / LOSS_TABLE)
         plot_loss(run_dir / METRICS, run_dir / LOSS_PLOT)
         if not config.keep_checkpoints:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +21,12 @@ import torch.distributed as dist
 
 from milora.adapter_io import load_adapter, read_manifest, save_adapter, spec_from_manifest
 from milora.cache import DecompositionCache
+from milora.chain import ChampionStart, start_from_champion
 from milora.config import AdapterSpec
+from milora.conversion import merge_adapter
 from milora.errors import UserFacingError
 from milora.initialize import init_adapter
-from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY
+from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY, START_WEIGHTS
 from milora.modeling import load_base_model, load_tokenizer
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, alpaca_messages
@@ -71,15 +74,22 @@ def run_key(
     spec: AdapterSpec,
     config: TrainConfig,
     replay: Sequence[Sequence[Message]] = (),
+    *,
+    start: ChampionStart | None = None,
+    serve_rank: int | None = None,
 ) -> dict[str, str]:
     """What makes a run this run: resuming is only sound when all of it is unchanged."""
     content = [list(conversations), list(replay)] if replay else list(conversations)
     data = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    settings = json.dumps({"spec": asdict(spec), "config": asdict(config)}, sort_keys=True, default=str)
+    described: dict[str, object] = {"spec": asdict(spec), "config": asdict(config)}
+    if serve_rank is not None:
+        described["serve_rank"] = serve_rank
+    settings = json.dumps(described, sort_keys=True, default=str)
     return {
         "base_model": str(base_path),
         "data_sha256": data,
         "settings_sha256": hashlib.sha256(settings.encode()).hexdigest(),
+        **(start.identity() if start is not None else {}),
     }
 
 
@@ -144,6 +154,8 @@ def run_training(
     device: str | None = None,
     init_dir: str | os.PathLike[str] | None = None,
     replay: Sequence[Sequence[Message]] = (),
+    start: ChampionStart | None = None,
+    serve_rank: int | None = None,
 ) -> TrainResult:
     """Initialise (or restore) the adapter and train it; see the module docstring.
 
@@ -153,10 +165,14 @@ def run_training(
     nothing). ``device`` is where the SVD runs (None: CUDA when
     present). ``init_dir``: start from an adapter saved by ``milora init`` / the init stage
     instead of decomposing here (it must match ``spec``). ``replay``: general conversations
-    mixed into each batch (``config.replay_share``).
+    mixed into each batch (``config.replay_share``). ``start``: begin from the champion
+    (:mod:`milora.chain`; ``continue`` keeps its adapter, ignoring ``spec``; ``refold``
+    initialises ``spec`` on the weights with the champion folded in). ``serve_rank``: the
+    served plain LoRA truncated to this rank (the error in the summary).
     """
     run_dir = Path(run_dir)
-    _claim_run_dir(run_dir, run_key(base_path, conversations, spec, config, replay), restart)
+    key = run_key(base_path, conversations, spec, config, replay, start=start, serve_rank=serve_rank)
+    _claim_run_dir(run_dir, key, restart)
     _barrier()
     done = finished_run(run_dir)
     if done is not None:
@@ -167,9 +183,31 @@ def run_training(
     base = load_base_model(base_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
     checkpoint = last_complete_checkpoint(run_dir)
-    if checkpoint is not None and (run_dir / INITIAL_ADAPTER / MANIFEST).is_file():
+    resuming = checkpoint is not None and (run_dir / INITIAL_ADAPTER / MANIFEST).is_file()
+    weights = run_dir / START_WEIGHTS
+    if not resuming and is_main_process():  # the weights this run starts on, kept for resume and serving
+        shutil.rmtree(weights, ignore_errors=True)
+        if start is not None and start.weights is not None:
+            shutil.copytree(start.weights, weights)
+    _barrier()
+    if weights.is_dir():
+        logger.info("folding %s into the stock weights (the run starts on them)", weights)
+        base = merge_adapter(base, weights)
+    if resuming:
         logger.info("resuming from %s", checkpoint)
         model = load_adapter(base, run_dir / INITIAL_ADAPTER, is_trainable=True)
+    elif start is not None:
+        checkpoint = None
+        logger.info("starting from the champion (%s): %s", start.strategy, start.adapter)
+        if start.strategy == "continue":
+            model = start_from_champion(base, start.adapter, "continue")
+        else:
+            cache = DecompositionCache(cache_dir) if cache_dir else None
+            model = init_adapter(
+                base, spec, cache=cache, seed=config.seed, device=device, progress=is_main_process()
+            )
+        if is_main_process():
+            save_adapter(model, run_dir / INITIAL_ADAPTER, base_model=str(base_path), overwrite=True)
     elif init_dir is not None:
         checkpoint = None
         logger.info("starting from the initial adapter %s (no SVD)", init_dir)
@@ -195,6 +233,8 @@ def run_training(
         resume_from=checkpoint,
         base_model=str(base_path),
         replay=replay,
+        start_weights=weights if weights.is_dir() else None,
+        serve_rank=serve_rank,
     )
     _barrier()
     return result
