@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from milora.offline import OFFLINE_ENV  # noqa: E402
 from milora.records import RunStatus  # noqa: E402
 from milora.settings import SettingsError, load_settings  # noqa: E402
-from tasks import parse_overrides  # noqa: E402
+from tasks import STAGES, parse_overrides  # noqa: E402
 
 logger = logging.getLogger("year_simulation")
 
@@ -58,7 +58,6 @@ NOT_COPIED = (".venv",)  # the interpreter stays where it is: the flow runs with
 # the copy starts as a project that has never run.
 NOT_COPIED_FILES = ("dvc.lock",)
 GIT_IDENTITY = ("-c", "user.email=year@example.invalid", "-c", "user.name=year-simulation")
-STAGES = ("ingest", "validate", "init", "train", "evaluate")
 RETENTION_SUITE = "world_probes"  # what the base knew: forgetting = its drop
 NA = "n/a"
 

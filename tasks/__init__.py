@@ -40,6 +40,7 @@ IO_RETRIES = 2
 IO_RETRY_DELAY_S = 5
 TEMPFAIL = 75  # exit status of a stage command that hit an I/O error (sysexits EX_TEMPFAIL): retried
 LOCK_FILE = "dvc.lock"  # DVC's record of every stage's deps, params and output hashes
+STAGES = ("ingest", "validate", "parent", "init", "train", "evaluate")  # dvc.yaml's stages, in order
 # Where a stage command writes the one message a person needs when it fails (set by the
 # flow's DVC runner, which shows that message instead of the command's whole output).
 ERROR_FILE_ENV = "MILORA_ERROR_FILE"

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from milora.offline import OFFLINE_ENV
-from tasks import ERROR_FILE_ENV, TEMPFAIL, stage_task
+from tasks import ERROR_FILE_ENV, STAGES, TEMPFAIL, stage_task
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("ingest", "validate", "parent", "init", "train", "evaluate")
 _EXIT = re.compile(r"exited with (\d+)")
 _CWD_LOCK = threading.Lock()
 _SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping")

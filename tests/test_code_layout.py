@@ -47,7 +47,14 @@ def test_only_the_registry_module_talks_to_mlflow():
 
 
 def test_dvc_yaml_lists_every_module_each_stage_imports():
-    assert set(stage_modules(REPO / "dvc.yaml")) == {"ingest", "validate", "init", "train", "evaluate"}
+    assert set(stage_modules(REPO / "dvc.yaml")) == {
+        "ingest",
+        "validate",
+        "parent",
+        "init",
+        "train",
+        "evaluate",
+    }
     assert missing_dependencies(REPO) == {}
 
 

@@ -335,7 +335,7 @@ def test_a_version_from_the_champion_records_its_parent_and_is_rebuilt_from_it(p
     git(project, "add", "-A")
     git(project, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "drop 3")
     client, name = registry(project)
-    parent = client.get_model_version_by_alias(name, "champion").version
+    parent = str(client.get_model_version_by_alias(name, "champion").version)
     result = retrain(params, start="champion")
     assert result["status"] in ("promoted", "rejected by the gate"), result
     assert result["stages"]["parent"] and result["stages"]["train"]

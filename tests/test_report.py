@@ -342,7 +342,7 @@ def test_report_renders_in_headless_chromium(served, tmp_path):
         assert rows.count() == 3
         assert FAILURE in rows.filter(has_text="grumpy-moth").inner_text()
         plots = _plots(page)
-        assert len(plots) == 1 and all(p["w"] > 100 and p["h"] > 100 for p in plots)
+        assert len(plots) == 2 and all(p["w"] > 100 and p["h"] > 100 for p in plots)  # history, retraining
 
         page.click("text=calm-otter")
         page.wait_for_load_state()

@@ -142,7 +142,7 @@ def test_two_months_of_the_real_flow(tmp_path):
     rows = read_csv(out / "table.csv")
     assert [r["month"] for r in rows] == ["drop_2026_10", "drop_2026_11"]
     first, second = rows
-    assert first["stages_run"].split(", ") == ["ingest", "validate", "init", "train", "evaluate"]
+    assert first["stages_run"].split(", ") == ["ingest", "validate", "parent", "init", "train", "evaluate"]
     assert "train" in second["stages_run"].split(", ")  # a new drop: trained again (init is unchanged)
     assert second["status"] in ("promoted", "rejected by the gate"), second
     assert second["gate"].startswith(("promoted", "rejected")) and second["version"] == "2"
