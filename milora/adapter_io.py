@@ -158,7 +158,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     return load_file(weights), json.loads(config.read_text())
 
 
-def _config_text(config: dict[str, Any]) -> str:
+def config_text(config: dict[str, Any]) -> str:
     """adapter_config.json with a stable text: PEFT keeps ``target_modules`` as a set, whose
     order changes with the interpreter's hash seed, so two identical trainings would
     otherwise write different files (and DVC would see different adapters)."""
@@ -174,7 +174,7 @@ def write_adapter(
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS, metadata={"format": "pt"})
     follow_umask(path / WEIGHTS)  # safetensors writes 0600
-    (path / CONFIG).write_text(_config_text(config))
+    (path / CONFIG).write_text(config_text(config))
     if manifest is not None:
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -232,7 +232,7 @@ def write_initial(
     config = json.loads((folder / CONFIG).read_text())
     if base_model is not None:
         config["base_model_name_or_path"] = base_model
-    (folder / CONFIG).write_text(_config_text(config))
+    (folder / CONFIG).write_text(config_text(config))
     if state.factors:
         initial = {}
         for name, (A0, B0) in state.factors.items():

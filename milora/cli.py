@@ -76,17 +76,29 @@ def init(
     seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option()] = False,
     trust_remote_code: RemoteCode = False,
+    streamed: Annotated[
+        bool,
+        typer.Option(
+            help="read the target weights one at a time from the safetensors shards, never the "
+            "whole model (milora/pissa on Linear targets; --dtype is then the checkpoint's own)"
+        ),
+    ] = False,
 ) -> None:
     """Wrap BASE in a freshly initialised adapter and save it (with its initial factors)."""
     spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout, solver)
     if out.exists() and not overwrite:  # before any decomposition, not after
         console.print(f"[red]error[/]: {out} exists; pass --overwrite to replace it")
         raise typer.Exit(2)
-    model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
     cache = DecompositionCache(cache_dir) if cache_dir else None
-    peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
-    save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
-    state = peft_model.milora_init
+    if streamed:
+        from milora.streaming import init_streamed
+
+        state = init_streamed(base, spec, out, cache=cache, device=device, base_model=str(base))
+    else:
+        model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
+        save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
+        state = peft_model.milora_init
     console.print(
         f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g} on "
         f"{len(state.factors) or 'all'} layers -> {out} (init {state.seconds:.2f} s, "

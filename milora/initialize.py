@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -86,18 +87,7 @@ def init_adapter(
         )
     found = find_targets(model, spec.target_modules, spec.r)
     fan_in_fan_out = found[0].fan_in_fan_out
-    config = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=spec.target_modules
-        if isinstance(spec.target_modules, str)
-        else list(spec.target_modules),
-        fan_in_fan_out=fan_in_fan_out,
-        init_lora_weights=True,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = lora_config(spec, fan_in_fan_out)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -126,6 +116,23 @@ def init_adapter(
         )
     peft_model.milora_init = state
     return peft_model
+
+
+def lora_config(spec: AdapterSpec, fan_in_fan_out: bool) -> LoraConfig:
+    """PEFT's config of the adapter ``spec`` describes (PEFT's own init; the method's factors
+    are written over it)."""
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.target_modules
+        if isinstance(spec.target_modules, str)
+        else list(spec.target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, LoraLayer]:
@@ -162,6 +169,24 @@ def _compute_device(device: str | torch.device | None) -> torch.device | None:
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
+def components_source(
+    spec: AdapterSpec, cache: DecompositionCache | None, device: torch.device | None
+) -> Callable[[torch.Tensor, int, str], Components]:
+    """A weight's singular triplets for a method's ``init``: from the cache when this exact
+    weight was decomposed before, else decomposed on ``device`` (and cached)."""
+
+    def components(weight: torch.Tensor, rank: int, side: str) -> Components:
+        fingerprint = weight_fingerprint(weight) if cache is not None else None
+        found = cache.get(fingerprint, side, rank) if cache is not None else None
+        if found is None:
+            found = decompose(weight if device is None else weight.to(device), rank, side, spec.solver)
+            if cache is not None:
+                cache.put(fingerprint, found)
+        return found
+
+    return components
+
+
 def _initial_factors(
     layers: dict[str, LoraLayer],
     spec: AdapterSpec,
@@ -181,14 +206,7 @@ def _initial_factors(
     matrices go one at a time, so peak memory stays near the model's size.
     """
 
-    def components(weight: torch.Tensor, rank: int, side: str) -> Components:
-        fingerprint = weight_fingerprint(weight) if cache is not None else None
-        found = cache.get(fingerprint, side, rank) if cache is not None else None
-        if found is None:
-            found = decompose(weight if device is None else weight.to(device), rank, side, spec.solver)
-            if cache is not None:
-                cache.put(fingerprint, found)
-        return found
+    components = components_source(spec, cache, device)
 
     def one(name: str) -> tuple[str, tuple[torch.Tensor, torch.Tensor]]:
         weight = layers[name].get_base_layer().weight.detach()

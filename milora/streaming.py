@@ -1,0 +1,135 @@
+"""SVD initialisation streamed from a checkpoint's safetensors files: no model in memory.
+
+``init_adapter`` wraps a loaded model, so initialising a base needs the whole model in
+memory. Here the target weights are read one matrix at a time from the checkpoint's
+safetensors shards (``model.safetensors`` or the ``model.safetensors.index.json`` shards),
+decomposed (served from the decomposition cache when known), and the adapter folder is
+written directly: PEFT's adapter holding the initial factors, ``initial/`` and the manifest,
+the same folder ``init_adapter`` + ``save_adapter`` write. Nothing else is written: the
+residual ``W - s B0 A0`` is formed when the adapter is loaded onto the stock base, as for
+any adapter of this project. Peak memory is about the largest target matrix (and its
+decomposition), whatever the model's size.
+
+Only methods initialised from the spectrum (milora, pissa) and ``nn.Linear`` targets
+(weights stored out x in, as LLaMA, Mistral, Qwen2 keep them) are streamed; GPT-2's Conv1D
+and plain LoRA's random start go through :func:`milora.init_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from milora.adapter_io import config_text, factor_keys, manifest_for, write_adapter
+from milora.atomic import atomic_directory
+from milora.cache import DecompositionCache
+from milora.config import AdapterSpec
+from milora.initialize import InitialFactors, _compute_device, components_source, lora_config
+from milora.layout import INITIAL_DIR, MANIFEST
+from milora.methods import INIT_METHODS
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+CONV1D_MODELS = ("gpt2",)  # weights stored in x out (Conv1D): not streamed
+
+
+def checkpoint_files(base_dir: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint folder, in a stable order."""
+    base = Path(base_dir)
+    if (base / INDEX).is_file():
+        shards = sorted(set(json.loads((base / INDEX).read_text())["weight_map"].values()))
+        return [base / shard for shard in shards]
+    if (base / SINGLE).is_file():
+        return [base / SINGLE]
+    raise FileNotFoundError(f"{base}: no {SINGLE} or {INDEX} (a safetensors checkpoint is needed)")
+
+
+def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...] | str) -> dict[str, Path]:
+    """``{module name: shard}`` of every 2-D ``<module>.weight`` whose last name is a target,
+    read from the shards' headers only."""
+    wanted = {targets} if isinstance(targets, str) else set(targets)
+    found: dict[str, Path] = {}
+    for shard in checkpoint_files(base_dir):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                module, _, leaf = key.rpartition(".")
+                target = leaf == "weight" and module.rpartition(".")[2] in wanted
+                if target and len(handle.get_slice(key).get_shape()) == 2:
+                    found[module] = shard
+    if not found:
+        raise ValueError(f"{base_dir}: no 2-D weight of the target modules {sorted(wanted)}")
+    return dict(sorted(found.items()))
+
+
+def init_streamed(
+    base_dir: str | os.PathLike[str],
+    spec: AdapterSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    cache: DecompositionCache | None = None,
+    device: str | torch.device | None = None,
+    base_model: str | None = None,
+    progress: bool = True,
+) -> InitialFactors:
+    """Write the adapter ``spec`` describes for the checkpoint ``base_dir`` into ``out_dir``
+    (all or nothing), reading one target matrix at a time; returns its initial state."""
+    method = INIT_METHODS[spec.method]
+    if method.init is None:
+        raise ValueError(
+            f"{spec.method} starts from random factors, not the spectrum: use milora.init_adapter"
+        )
+    config_path = Path(base_dir) / "config.json"
+    model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
+    if model_type in CONV1D_MODELS:
+        raise ValueError(f"{base_dir}: {model_type} stores its weights as Conv1D; use milora.init_adapter")
+    started = time.perf_counter()
+    components = components_source(spec, cache, _compute_device(device))
+    hits = cache.hits if cache is not None else 0
+    state = InitialFactors(spec=spec, fan_in_fan_out=False)
+    adapter: dict[str, torch.Tensor] = {}
+    weights = target_weights(base_dir, spec.target_modules)
+    for name, shard in tqdm(
+        weights.items(), desc=f"{spec.method} init (streamed)", unit="matrix", disable=not progress
+    ):
+        with safe_open(str(shard), framework="pt") as handle:
+            weight = handle.get_tensor(f"{name}.weight")
+        A0, B0 = method.init(weight, spec, components)
+        # Stored as PEFT stores LoRA factors (float32), exactly as init_adapter keeps them.
+        A0, B0 = A0.to(torch.float32).contiguous(), B0.to(torch.float32).contiguous()
+        state.factors[name] = (A0, B0)
+        key_a, key_b = factor_keys(name)
+        adapter[key_a], adapter[key_b] = A0, B0
+        del weight
+    state.seconds = time.perf_counter() - started
+    state.cache_hits = (cache.hits - hits) if cache is not None else 0
+    config = lora_config(spec, fan_in_fan_out=False)
+    config.base_model_name_or_path = base_model or str(base_dir)
+    config.inference_mode = True  # as PEFT saves it
+    # As PEFT's save_pretrained writes it: sets (target_modules) as lists.
+    fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    config_dict = json.loads(config_text(fields))
+    with atomic_directory(Path(out_dir)) as tmp:
+        write_adapter(tmp, adapter, config_dict, None)
+        write_adapter(tmp / INITIAL_DIR, adapter, config_dict, None)
+        manifest = manifest_for(state, base_model=base_model, streamed=True)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    logger.info(
+        "%s init of %d matrices (r=%d) streamed from %s in %.2f s, %d from cache -> %s",
+        spec.method,
+        len(weights),
+        spec.r,
+        base_dir,
+        state.seconds,
+        state.cache_hits,
+        out_dir,
+    )
+    return state
