@@ -12,9 +12,9 @@ digests of its dataset's company rows: the next run trains on what is new). The 
 depends on the folder, so ``dvc repro`` retrains exactly when the parent changed; a
 rollback moves the champion alias, so the next run starts from the restored version.
 ``--start`` (or :data:`START_ENV`, set by the flow's ``start`` parameter) overrides
-``train.start``; ``--version`` fetches a given version instead (what ``tasks.rebuild`` does for a version
-of a chain). It is a flow step, not a DVC stage: its input is the registry, which DVC does
-not track.
+``train.start``; ``--version`` fetches a given version instead (what ``tasks.rebuild`` does
+for a version of a chain). It is the DVC stage ``parent``; its input is the registry, which
+DVC does not track, so the flow forces it whenever the start is the champion.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from milora.layout import (
     START_WEIGHTS,
 )
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
-from tasks import claim, run_command, stage_task
+from tasks import claim, run_command
 from tasks.register import TRAIN_ARTIFACT_DIR, base_tags, other_base
-from tasks.registry import CHAMPION, Registry, RegistryError, retry_on_registry_fault
+from tasks.registry import CHAMPION, Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def fetch_parent(settings: Settings, version: str | None = None, start: str | No
             "train.start is champion but %s: this run starts from the stock base",
             missing or "no champion yet",
         )
-        return _publish(
-            folder, {"start": FROM_BASE, "why": "no champion yet"}
-        )  # no path: same on every machine
+        # No path or time in the record: the same on every machine.
+        return _publish(folder, {"start": FROM_BASE, "why": "no champion yet"})
     refused = other_base(base_tags(settings), found, "this run")
     if refused:
         raise RegistryError(f"cannot build on version {found.number}: {refused}")
@@ -112,9 +111,6 @@ def fetch_parent(settings: Settings, version: str | None = None, start: str | No
 
     logger.info("the run starts from %s version %s (run %s)", registry.name, found.number, found.run_id)
     return _publish(folder, record, fill)
-
-
-parent_task = stage_task(fetch_parent, "parent", retry_on_registry_fault)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

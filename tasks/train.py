@@ -32,10 +32,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from milora.settings import DEFAULT_PARAMS, Settings, load_settings
 from tasks import claim, parse_overrides, run_command
+
+if TYPE_CHECKING:  # the stage imports torch only when it trains
+    from milora.chain import ChampionStart
+    from milora.config import AdapterSpec
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     }
 
 
-def _check_continue(start: Any, spec: Any) -> None:
+def _check_continue(start: ChampionStart, spec: AdapterSpec) -> None:
     """``continue`` trains the champion's own adapter: params.yaml must describe that adapter
     (the registry tags the version with the configured method and rank)."""
     from milora.adapter_io import read_manifest, spec_from_manifest

@@ -42,6 +42,7 @@ from milora.layout import (
     CHECKPOINTS,
     LOSS_PLOT,
     LOSS_TABLE,
+    MANIFEST,
     METRICS,
     RAW_ADAPTER,
     SERVED_ADAPTER,
@@ -377,7 +378,13 @@ def train_adapter(
         result.served_rank, result.compression_error = report.rank, report.max_error
         # Relative: the folder can be moved (the train stage publishes it by a rename).
         summary = {**asdict(result), "adapter_dir": RAW_ADAPTER, "config": asdict(config)}
-        save_adapter(model, final, base_model=base_model, overwrite=True, extra={"training": summary})
+        # The summary joins the adapter's manifest once the served adapter is known (its rank
+        # and error belong to it); the weights are written once.
+        manifest = final / MANIFEST
+        manifest.write_text(
+            json.dumps({**json.loads(manifest.read_text()), "training": summary}, indent=2, sort_keys=True)
+            + "\n"
+        )
         write_loss_table(run_dir / METRICS, run_dir / LOSS_TABLE)
         plot_loss(run_dir / METRICS, run_dir / LOSS_PLOT)
         if not config.keep_checkpoints:
