@@ -32,6 +32,7 @@ from milora.initialize import init_adapter
 from milora.inspection import spectrum_report
 from milora.layout import INITIAL_DIR
 from milora.modeling import load_base_model
+from milora.sharding import process_group
 from milora.training import TrainConfig, run_training
 from milora.training.run import read_conversations
 
@@ -90,15 +91,19 @@ def init(
         console.print(f"[red]error[/]: {out} exists; pass --overwrite to replace it")
         raise typer.Exit(2)
     cache = DecompositionCache(cache_dir) if cache_dir else None
-    if streamed:
-        from milora.streaming import init_streamed
+    with process_group(device) as (process, _):  # torchrun: each matrix decomposed by one rank
+        if streamed:
+            from milora.streaming import init_streamed
 
-        state = init_streamed(base, spec, out, cache=cache, device=device, base_model=str(base))
-    else:
-        model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
-        save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
-        state = peft_model.milora_init
+            state = init_streamed(base, spec, out, cache=cache, device=device, base_model=str(base))
+        else:
+            model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+            peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
+            if process == 0:
+                save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
+            state = peft_model.milora_init
+    if process:
+        return
     console.print(
         f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g} on "
         f"{len(state.factors) or 'all'} layers -> {out} (init {state.seconds:.2f} s, "

@@ -31,6 +31,7 @@ from milora.cache import DecompositionCache, weight_fingerprint
 from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.decomposition import Components, decompose
 from milora.methods import INIT_METHODS, InitMethod
+from milora.sharding import share_out, world
 from milora.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,9 @@ def _initial_factors(
     On the CPU, ``workers`` > 1 threads each handle one matrix with single-threaded BLAS
     (can pay on many-core hosts, where the memory-bound tridiagonal reduction scales poorly;
     on 2 cores it measured slower than one matrix at a time on both). On an accelerator
-    matrices go one at a time, so peak memory stays near the model's size.
+    matrices go one at a time, so peak memory stays near the model's size. In a process group
+    of several ranks (torchrun), each matrix is decomposed by one rank and broadcast
+    (:func:`milora.sharding.share_out`).
     """
 
     components = components_source(spec, cache, device)
@@ -212,6 +215,16 @@ def _initial_factors(
         weight = layers[name].get_base_layer().weight.detach()
         return name, method.init(weight.T if fan_in_fan_out else weight, spec, components)
 
+    _, processes = world()
+    if processes > 1:  # under torchrun: each matrix decomposed by one rank, broadcast to all
+        shapes = {}
+        for name, layer in layers.items():
+            rows, cols = layer.get_base_layer().weight.shape  # Conv1D stores in x out
+            shapes[name] = (cols, rows) if fan_in_fan_out else (rows, cols)
+        shared = share_out(
+            shapes, spec.r, lambda name: one(name)[1], progress=progress, desc=f"{spec.method} init"
+        )
+        return shared.factors
     on_cpu = (device or next(iter(layers.values())).get_base_layer().weight.device).type == "cpu"
     n_workers = min(workers or 1, len(layers)) if on_cpu else 1
     bar = tqdm(total=len(layers), desc=f"{spec.method} init", unit="matrix", disable=not progress)

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from milora.adapter_io import config_text, factor_keys, manifest_for, write_adapter
 from milora.atomic import atomic_directory
@@ -34,6 +34,7 @@ from milora.config import AdapterSpec
 from milora.initialize import InitialFactors, _compute_device, components_source, lora_config
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
+from milora.sharding import share_out, world
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,33 @@ def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...] | 
     return dict(sorted(found.items()))
 
 
+def weight_shapes(weights: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """``{module name: (out, in)}`` of :func:`target_weights`' matrices, from the headers."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for shard in sorted(set(weights.values())):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name, found in weights.items():
+                if found == shard:
+                    rows, cols = handle.get_slice(f"{name}.weight").get_shape()
+                    shapes[name] = (rows, cols)
+    return {name: shapes[name] for name in weights}
+
+
+def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str | None:
+    """Why :func:`init_streamed` cannot initialise ``spec`` on this checkpoint; None if it can."""
+    if INIT_METHODS[spec.method].init is None:
+        return f"{spec.method} starts from random factors, not the spectrum"
+    config_path = Path(base_dir) / "config.json"
+    model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
+    if model_type in CONV1D_MODELS:
+        return f"{model_type} stores its weights as Conv1D"
+    try:
+        checkpoint_files(base_dir)
+    except FileNotFoundError as error:
+        return str(error)
+    return None
+
+
 def init_streamed(
     base_dir: str | os.PathLike[str],
     spec: AdapterSpec,
@@ -79,36 +107,40 @@ def init_streamed(
     device: str | torch.device | None = None,
     base_model: str | None = None,
     progress: bool = True,
+    mark_output: bool = False,
 ) -> InitialFactors:
     """Write the adapter ``spec`` describes for the checkpoint ``base_dir`` into ``out_dir``
-    (all or nothing), reading one target matrix at a time; returns its initial state."""
+    (all or nothing), reading one target matrix at a time; returns its initial state.
+
+    Under ``torchrun`` (a process group of several ranks) each matrix is decomposed by one
+    rank and broadcast (:func:`milora.sharding.share_out`); rank 0 writes the folder.
+    ``mark_output`` as :func:`milora.atomic.atomic_directory`.
+    """
+    reason = why_not_streamed(base_dir, spec)
+    if reason is not None:
+        raise ValueError(f"{base_dir}: {reason}; use milora.init_adapter")
     method = INIT_METHODS[spec.method]
-    if method.init is None:
-        raise ValueError(
-            f"{spec.method} starts from random factors, not the spectrum: use milora.init_adapter"
-        )
-    config_path = Path(base_dir) / "config.json"
-    model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
-    if model_type in CONV1D_MODELS:
-        raise ValueError(f"{base_dir}: {model_type} stores its weights as Conv1D; use milora.init_adapter")
     started = time.perf_counter()
     components = components_source(spec, cache, _compute_device(device))
     hits = cache.hits if cache is not None else 0
     state = InitialFactors(spec=spec, fan_in_fan_out=False)
-    adapter: dict[str, torch.Tensor] = {}
     weights = target_weights(base_dir, spec.target_modules)
-    for name, shard in tqdm(
-        weights.items(), desc=f"{spec.method} init (streamed)", unit="matrix", disable=not progress
-    ):
-        with safe_open(str(shard), framework="pt") as handle:
+
+    def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(str(weights[name]), framework="pt") as handle:
             weight = handle.get_tensor(f"{name}.weight")
-        A0, B0 = method.init(weight, spec, components)
+        return method.init(weight, spec, components)
+
+    shared = share_out(
+        weight_shapes(weights), spec.r, factors, progress=progress, desc=f"{spec.method} init (streamed)"
+    )
+    adapter: dict[str, torch.Tensor] = {}
+    for name, (A0, B0) in shared.factors.items():
         # Stored as PEFT stores LoRA factors (float32), exactly as init_adapter keeps them.
         A0, B0 = A0.to(torch.float32).contiguous(), B0.to(torch.float32).contiguous()
         state.factors[name] = (A0, B0)
         key_a, key_b = factor_keys(name)
         adapter[key_a], adapter[key_b] = A0, B0
-        del weight
     state.seconds = time.perf_counter() - started
     state.cache_hits = (cache.hits - hits) if cache is not None else 0
     config = lora_config(spec, fan_in_fan_out=False)
@@ -117,11 +149,19 @@ def init_streamed(
     # As PEFT's save_pretrained writes it: sets (target_modules) as lists.
     fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     config_dict = json.loads(config_text(fields))
-    with atomic_directory(Path(out_dir)) as tmp:
-        write_adapter(tmp, adapter, config_dict, None)
-        write_adapter(tmp / INITIAL_DIR, adapter, config_dict, None)
-        manifest = manifest_for(state, base_model=base_model, streamed=True)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    rank, processes = world()
+    # Several processes: the matrices each rank decomposed (each matrix by one rank).
+    shared_by = {"matrices_per_process": shared.per_rank} if processes > 1 else {}
+    if rank == 0:
+        with atomic_directory(Path(out_dir), mark=mark_output) as tmp:
+            write_adapter(tmp, adapter, config_dict, None)
+            write_adapter(tmp / INITIAL_DIR, adapter, config_dict, None)
+            manifest = manifest_for(
+                state, base_model=base_model, streamed=True, init_seconds=state.seconds, **shared_by
+            )
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    if processes > 1:
+        dist.barrier()  # the folder exists on every rank's return
     logger.info(
         "%s init of %d matrices (r=%d) streamed from %s in %.2f s, %d from cache -> %s",
         spec.method,

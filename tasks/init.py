@@ -8,12 +8,18 @@ initial factors and ``milora.json``. The decomposition runs on the GPU when ther
 (``train.device``) and is served from ``train.cache_dir`` when this base was decomposed
 before, so a second init of the same base decomposes nothing. The train stage starts from
 this folder (no SVD of its own).
+
+The target weights are read one matrix at a time from the checkpoint's safetensors shards
+(``milora.streaming``), so a base larger than RAM initialises; and under
+``torchrun --nproc_per_node N -m tasks.init`` each process decomposes its share of the
+matrices (``milora.sharding``) and rank 0 writes the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,34 +32,56 @@ logger = logging.getLogger(__name__)
 
 
 def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
-    """Initialise and save the configured adapter; returns where and how long it took."""
+    """Initialise and save the configured adapter; returns where, how and how long it took.
+
+    Streamed from the checkpoint's safetensors shards (one matrix at a time, never the whole
+    model) whenever the method and the checkpoint allow it, else on the loaded model; the
+    adapters are the same bit for bit. Under ``torchrun`` each rank decomposes its share.
+    """
     from milora.adapter_io import save_adapter
     from milora.cache import DecompositionCache
     from milora.initialize import init_adapter
     from milora.modeling import load_base_model
+    from milora.sharding import process_group
+    from milora.streaming import init_streamed, why_not_streamed
 
     cfg = settings.train
     out = claim(settings, out_dir, "train.init_dir")
     base_path = settings.path(settings.base_model)
+    spec = cfg.adapter_spec()
+    cache = DecompositionCache(settings.path(cfg.cache_dir)) if cfg.cache_dir else None
+    not_streamed = why_not_streamed(base_path, spec)
     started = time.perf_counter()
-    model = init_adapter(
-        load_base_model(base_path),
-        cfg.adapter_spec(),
-        cache=DecompositionCache(settings.path(cfg.cache_dir)) if cfg.cache_dir else None,
-        device=cfg.device,
-        seed=cfg.hyperparameters().seed,
-    )
+    with process_group(cfg.device) as (process, _):
+        if not_streamed is None:
+            init_streamed(
+                base_path, spec, out, cache=cache, device=cfg.device,
+                base_model=str(settings.base_model), mark_output=True,
+            )  # fmt: skip
+        else:
+            logger.info("init on the loaded model (not streamed: %s)", not_streamed)
+            model = init_adapter(
+                load_base_model(base_path),
+                spec,
+                cache=cache,
+                device=cfg.device,
+                seed=cfg.hyperparameters().seed,
+            )
+            seconds = time.perf_counter() - started
+            if process == 0:
+                save_adapter(
+                    model, out, base_model=str(settings.base_model), overwrite=True,
+                    extra={"init_seconds": seconds}, mark_output=True,
+                )  # fmt: skip
     seconds = time.perf_counter() - started
-    save_adapter(
-        model,
-        out,
-        base_model=str(settings.base_model),
-        overwrite=True,
-        extra={"init_seconds": seconds},
-        mark_output=True,
-    )
     logger.info("%s r=%d initialised in %.1f s -> %s", cfg.method, cfg.rank, seconds, out)
-    return {"init_dir": str(out), "seconds": seconds, "method": cfg.method, "rank": cfg.rank}
+    return {
+        "init_dir": str(out),
+        "seconds": seconds,
+        "method": cfg.method,
+        "rank": cfg.rank,
+        "streamed": not_streamed is None,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = parser.parse_args(argv)
     report = init(load_settings(args.params, parse_overrides(args.set, parser)), args.out)
+    if int(os.environ.get("RANK", "0")):
+        return 0  # under torchrun: rank 0 reports
     print(
         f"{report['method']} r={report['rank']} initialised in {report['seconds']:.1f} s -> {report['init_dir']}"
     )

@@ -127,6 +127,7 @@ def test_train_starts_from_the_init_stage_and_refuses_a_stale_one(settings, tmp_
     validate(settings, reports_dir=tmp_path / "reports")
     report = init(settings)
     assert (Path(report["init_dir"]) / "initial" / "adapter_model.safetensors").is_file()
+    assert report["streamed"]  # a LLaMA checkpoint: read matrix by matrix, never loaded whole
     summary = train(settings)
     assert summary["global_step"] == 4
     # The run's initial adapter is the init stage's, not a second decomposition.

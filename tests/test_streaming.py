@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from conftest import give_decaying_spectra, logits, rel, tiny_llama
 from milora import AdapterSpec, init_adapter, load_adapter, save_adapter
 from milora.adapter_io import read_adapter
 from milora.cache import DecompositionCache
+from milora.config import DEFAULT_TARGETS
 from milora.streaming import checkpoint_files, init_streamed, target_weights
 
 
@@ -77,3 +81,80 @@ def test_milora_init_streamed_on_the_command_line(sharded, tmp_path):
     assert all(torch.equal(streamed[k], loaded[k]) for k in loaded)
     checked = runner.invoke(app, ["verify", str(path), str(tmp_path / "s")])
     assert checked.exit_code == 0, checked.output
+
+
+# --------------------------------------------------------------------------- several processes
+SHARED_INIT = """
+import sys, torch
+from safetensors.torch import save_file
+from milora import AdapterSpec, init_adapter
+from milora.cache import DecompositionCache
+from milora.modeling import load_base_model
+from milora.sharding import process_group
+from milora.streaming import init_streamed
+
+base, out, cache = sys.argv[1:4]
+spec = AdapterSpec("milora", 4)
+with process_group() as (rank, size):
+    assert size == 2
+    streamed = init_streamed(base, spec, out, cache=DecompositionCache(cache), progress=False)
+    loaded = init_adapter(load_base_model(base), spec, progress=False).milora_init
+    save_file(
+        {f"{how}/{name}/{i}": f.contiguous().to(torch.float32)
+         for how, state in (("streamed", streamed), ("loaded", loaded))
+         for name, pair in state.factors.items() for i, f in enumerate(pair)},
+        f"{out}-rank{rank}.safetensors",
+    )
+"""
+
+
+def test_plan_shares_matrices_out_by_cost():
+    from milora.sharding import decomposition_cost, plan
+
+    shapes = {f"layers.{i}.{m}": s for i in range(4) for m, s in
+              (("q_proj", (4096, 4096)), ("up_proj", (11008, 4096)), ("down_proj", (4096, 11008)))}  # fmt: skip
+    owners = plan(shapes, 3)
+    assert owners == plan(dict(reversed(shapes.items())), 3)  # the same plan whatever the order
+    loads = [sum(decomposition_cost(shapes[n]) for n, r in owners.items() if r == rank) for rank in range(3)]
+    assert max(loads) - min(loads) <= max(map(decomposition_cost, shapes.values()))
+    assert set(plan(shapes, 1).values()) == {0}
+
+
+def test_two_processes_share_the_init_and_hold_the_same_factors(sharded, tmp_path):
+    """torchrun, 2 CPU processes on gloo: each matrix decomposed by one process, every process
+    holds the factors one process computes, streamed and on the loaded model alike."""
+    from conftest import free_port
+    from safetensors.torch import load_file
+
+    path, _ = sharded
+    script = tmp_path / "shared_init.py"
+    script.write_text(SHARED_INIT)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(script), str(path), str(tmp_path / "two"), str(tmp_path / "cache"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"two-rank{rank}.safetensors") for rank in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process ran
+    try:
+        one = init_streamed(path, AdapterSpec("milora", 4), tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    matrices = target_weights(path, DEFAULT_TARGETS)
+    assert len(ranks[0]) == len(ranks[1]) == 2 * 2 * len(matrices)
+    for name, pair in one.factors.items():
+        for i, expected in enumerate(pair):
+            for how in ("streamed", "loaded"):
+                key = f"{how}/{name}/{i}"
+                assert torch.equal(ranks[0][key], expected) and torch.equal(ranks[1][key], expected), key
+    manifest = json.loads((tmp_path / "two" / "milora.json").read_text())
+    per_process = manifest["matrices_per_process"]
+    assert sum(per_process) == len(matrices) and min(per_process) > 0  # each matrix once
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == len(matrices)
+    two, _ = read_adapter(tmp_path / "two")
+    single, _ = read_adapter(tmp_path / "one")
+    assert all(torch.equal(two[k], single[k]) for k in single)

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from milora.adapter_io import load_adapter, read_manifest, save_adapter, spec_from_manifest
@@ -40,6 +41,33 @@ from milora.training.loop import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class UnshardedLaunchError(UserFacingError):
+    """Several processes were launched for a sharded engine that cannot run on this device."""
+
+
+# accelerate's launcher marks a sharded engine in the environment of every process it starts.
+SHARDED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_sharded_launch(environ: Mapping[str, str] | None = None, cuda: bool | None = None) -> None:
+    """Refuse an ``accelerate launch`` of FSDP or DeepSpeed over several processes without CUDA.
+
+    Why: accelerate (1.15) turns these engines on only on an accelerator; on CPU each of the N
+    processes trains the whole model alone on the whole data (measured: N identical adapters,
+    no process group), so the run looks fine and is N times the cost of one.
+    """
+    environ = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    processes = int(environ.get("WORLD_SIZE", "1"))
+    engines = [name for key, name in SHARDED_ENGINES.items() if environ.get(key, "").lower() == "true"]
+    if engines and processes > 1 and not cuda:
+        raise UnshardedLaunchError(
+            f"{engines[0]} was launched on {processes} processes without CUDA: accelerate runs "
+            f"{engines[0]} on GPUs only, and here every process would train alone. On CPU use "
+            "`torchrun --nproc_per_node N` (DDP on gloo); use the FSDP/DeepSpeed configs on GPUs."
+        )
 
 
 def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
@@ -77,6 +105,7 @@ def run_key(
     *,
     start: ChampionStart | None = None,
     serve_rank: int | None = None,
+    dtype: str = "float32",
 ) -> dict[str, str]:
     """What makes a run this run: resuming is only sound when all of it is unchanged."""
     content = [list(conversations), list(replay)] if replay else list(conversations)
@@ -84,6 +113,8 @@ def run_key(
     described: dict[str, object] = {"spec": asdict(spec), "config": asdict(config)}
     if serve_rank is not None:
         described["serve_rank"] = serve_rank
+    if dtype != "float32":  # the default leaves the keys of earlier runs as they were
+        described["dtype"] = dtype
     settings = json.dumps(described, sort_keys=True, default=str)
     return {
         "base_model": str(base_path),
@@ -156,6 +187,7 @@ def run_training(
     replay: Sequence[Sequence[Message]] = (),
     start: ChampionStart | None = None,
     serve_rank: int | None = None,
+    dtype: str = "float32",
 ) -> TrainResult:
     """Initialise (or restore) the adapter and train it; see the module docstring.
 
@@ -168,10 +200,15 @@ def run_training(
     mixed into each batch (``config.replay_share``). ``start``: begin from the champion
     (:mod:`milora.chain`; ``continue`` keeps its adapter, ignoring ``spec``; ``refold``
     initialises ``spec`` on the weights with the champion folded in). ``serve_rank``: the
-    served plain LoRA truncated to this rank (the error in the summary).
+    served plain LoRA truncated to this rank (the error in the summary). ``dtype``: the base's
+    weights in memory (``bfloat16`` halves a large base's memory on a GPU; the adapter's
+    factors stay float32).
     """
+    check_sharded_launch()
     run_dir = Path(run_dir)
-    key = run_key(base_path, conversations, spec, config, replay, start=start, serve_rank=serve_rank)
+    key = run_key(
+        base_path, conversations, spec, config, replay, start=start, serve_rank=serve_rank, dtype=dtype
+    )
     _claim_run_dir(run_dir, key, restart)
     _barrier()
     done = finished_run(run_dir)
@@ -180,7 +217,7 @@ def run_training(
             "%s already holds this run, trained to step %d: nothing to train", run_dir, done.global_step
         )
         return done
-    base = load_base_model(base_path, trust_remote_code=trust_remote_code)
+    base = load_base_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
     checkpoint = last_complete_checkpoint(run_dir)
     resuming = checkpoint is not None and (run_dir / INITIAL_ADAPTER / MANIFEST).is_file()
