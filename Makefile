@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[pipeline,harness,dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[pipeline,harness,cluster,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

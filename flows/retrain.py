@@ -40,6 +40,7 @@ from milora.records import Decision, RunStatus
 from milora.redact import install_log_redaction, redact
 from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
 from tasks.champion import compare_champion_task
+from tasks.cluster import gpu_slots
 from tasks.html_report import REPORTS_DIR, html_report, html_report_task
 from tasks.ingest import unwatched_sources
 from tasks.lineage import lineage_task, raw_data_hash, require_committed, unchanged_version
@@ -119,9 +120,10 @@ def retrain(
         chosen = {START_ENV: start} if start else None
         refetch = force or start is not None or settings.train.start == FROM_VERSION
         stages["parent"] = reproduce_task("parent", root, force=refetch, env=chosen).ran
-        for stage in ("init", "train", "evaluate"):
-            stages[stage] = reproduce_task(stage, root, force=force).ran
-        compare_champion_task(settings)  # the champion on the same items, for a paired gate
+        with gpu_slots():  # the GPU stages hold a slot per GPU of the limit tasks.cluster names
+            for stage in ("init", "train", "evaluate"):
+                stages[stage] = reproduce_task(stage, root, force=force).ran
+            compare_champion_task(settings)  # the champion on the same items, for a paired gate
         push_task(root)  # before registering: a version's data and adapter are on the remote
         model = lineage_task(settings)
         registration = register_task(settings, model)

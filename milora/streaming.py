@@ -35,6 +35,7 @@ from milora.initialize import InitialFactors, _compute_device, components_source
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
 from milora.sharding import share_out, world
+from milora.targets import TargetError
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +55,29 @@ def checkpoint_files(base_dir: str | os.PathLike[str]) -> list[Path]:
     raise FileNotFoundError(f"{base}: no {SINGLE} or {INDEX} (a safetensors checkpoint is needed)")
 
 
-def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...] | str) -> dict[str, Path]:
+def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...]) -> dict[str, Path]:
     """``{module name: shard}`` of every 2-D ``<module>.weight`` whose last name is a target,
-    read from the shards' headers only."""
-    wanted = {targets} if isinstance(targets, str) else set(targets)
+    read from the shards' headers only; every target must name at least one (the error lists
+    the names that would)."""
     found: dict[str, Path] = {}
+    adaptable: set[str] = set()
     for shard in checkpoint_files(base_dir):
         with safe_open(str(shard), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 module, _, leaf = key.rpartition(".")
-                target = leaf == "weight" and module.rpartition(".")[2] in wanted
-                if target and len(handle.get_slice(key).get_shape()) == 2:
+                if leaf != "weight" or len(handle.get_slice(key).get_shape()) != 2:
+                    continue
+                name = module.rpartition(".")[2]
+                if "embed" not in name:  # embeddings are 2-D but not linear layers
+                    adaptable.add(name)
+                if name in targets:
                     found[module] = shard
-    if not found:
-        raise ValueError(f"{base_dir}: no 2-D weight of the target modules {sorted(wanted)}")
+    missing = [t for t in targets if t not in {m.rpartition(".")[2] for m in found}]
+    if missing:
+        raise TargetError(
+            f"target modules {missing} not found among the model's linear layers; "
+            f"adaptable names are {sorted(adaptable)} ({base_dir})"
+        )
     return dict(sorted(found.items()))
 
 
@@ -87,6 +97,8 @@ def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str
     """Why :func:`init_streamed` cannot initialise ``spec`` on this checkpoint; None if it can."""
     if INIT_METHODS[spec.method].init is None:
         return f"{spec.method} starts from random factors, not the spectrum"
+    if isinstance(spec.target_modules, str):
+        return f"target_modules is a pattern ({spec.target_modules!r}), resolved on the loaded model"
     config_path = Path(base_dir) / "config.json"
     model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
     if model_type in CONV1D_MODELS:

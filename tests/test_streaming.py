@@ -18,6 +18,7 @@ from milora.adapter_io import read_adapter
 from milora.cache import DecompositionCache
 from milora.config import DEFAULT_TARGETS
 from milora.streaming import checkpoint_files, init_streamed, target_weights
+from milora.targets import TargetError
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,9 @@ def test_streamed_init_uses_the_decomposition_cache_and_refuses_what_it_cannot_s
     assert first.cache_hits == 0 and second.cache_hits == len(target_weights(path, spec.target_modules))
     with pytest.raises(ValueError, match="random factors"):
         init_streamed(path, AdapterSpec("lora", 4), tmp_path / "c", progress=False)
-    with pytest.raises(ValueError, match="no 2-D weight"):
+    with pytest.raises(
+        TargetError, match=r"\['nope_proj'\] not found among .* adaptable names are \[.*'q_proj'"
+    ):
         init_streamed(path, AdapterSpec("milora", 4, target_modules=("nope_proj",)), tmp_path / "d")
     assert not (tmp_path / "d").exists()  # nothing half-written
 
