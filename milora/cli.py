@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -185,9 +186,25 @@ def inspect(
     targets: Annotated[str | None, typer.Option(help="comma-separated module names")] = None,
     initial: Annotated[bool, typer.Option(help="locate the initial factors instead of the trained")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON rows")] = False,
+    suggest: Annotated[
+        bool,
+        typer.Option(
+            "--suggest",
+            help="suggest a rank and the target modules from the spectra (milora.suggestion); "
+            "--targets limits the candidates (default: every linear layer of the blocks)",
+        ),
+    ] = False,
     trust_remote_code: RemoteCode = False,
 ) -> None:
     """Per-layer spectrum summary and which singular components an adapter occupies."""
+    if suggest:
+        _print_suggestion(
+            load_base_model(base, trust_remote_code=trust_remote_code),
+            rank or 16,
+            _targets(targets) if targets else None,
+            as_json,
+        )
+        return
     manifest = read_manifest(adapter) if adapter else None
     r = rank or (int(manifest["r"]) if manifest else 16)
     target_list = (
@@ -221,6 +238,55 @@ def inspect(
             cells += [f"{row.minor_share:.1%}", f"{row.principal_share:.1%}"]
         table.add_row(*cells)
     console.print(table)
+
+
+def _print_suggestion(model, r: int, targets: tuple[str, ...] | None, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from milora.suggestion import MAX_MINOR_ENERGY, MIN_MINOR_LEVEL, suggest_for_model
+
+    modules, advice = suggest_for_model(model, r, targets)
+    if as_json:
+        print(json.dumps({"modules": [asdict(m) for m in modules], "suggestion": asdict(advice)}))
+        return
+    table = Table(title=f"spectrum shape per module (medians over layers; energies at r={r})")
+    for column in ("module", "layers", "shape", "eff. rank", "stable rank", f"minor {r} energy",
+                   f"principal {r} energy", "minor flatness", "rule's ranks"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "module" else "right")
+    kinds: dict[str, list] = {}
+    for module in modules:
+        kinds.setdefault(module.kind, []).append(module)
+    for kind, layers in kinds.items():
+
+        def med(values) -> float:
+            return float(statistics.median(values))
+
+        ranks = sorted(m.suggested_rank for m in layers)
+        table.add_row(
+            kind,
+            str(len(layers)),
+            f"{layers[0].shape[0]}x{layers[0].shape[1]}",
+            f"{med(m.effective_rank for m in layers):.1f}",
+            f"{med(m.stable_rank for m in layers):.2f}",
+            f"{med(m.minor_energy for m in layers):.3%}",
+            f"{med(m.principal_energy for m in layers):.1%}",
+            f"{med(m.minor_flatness for m in layers):.3f}",
+            f"{ranks[0]}..{ranks[-1]}",
+        )
+    console.print(table)
+    console.print(
+        f"rule: per layer, the largest r in 2..64 (<= n/4) whose r minor components hold <= "
+        f"{MAX_MINOR_ENERGY:.0%} of the energy and reach >= {MIN_MINOR_LEVEL:g} of the median singular value"
+    )
+    for kind, reason in advice.reasons.items():
+        console.print(f"  {kind}: {reason}")
+    if not advice.rank:
+        console.print("[yellow]no module satisfies the rule[/]: keep your own rank and targets")
+        return
+    console.print(
+        f"[green]suggested[/]: rank {advice.rank}, target_modules {list(advice.target_modules)}"
+        + (f", rank_pattern for {len(advice.rank_pattern)} layers" if advice.rank_pattern else "")
+    )
 
 
 @app.command()
