@@ -98,6 +98,31 @@ def stage(report: dict, name: str, device: str):
     return _Stage()
 
 
+def fsdp_check(args) -> int:
+    """The training entry point under the launcher's engine: which engine ran, did it finish."""
+    from accelerate import PartialState
+
+    run_dir = args.work / "fsdp-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    conversations = read_conversations(DEMO / "company" / "drop_2026_10" / "train_chat.jsonl")
+    config = TrainConfig(
+        learning_rate=2e-3, max_steps=3, batch_size=4, micro_batch_size=4, warmup_steps=1,
+        max_length=128, save_steps=10_000, logging_steps=1, bf16=args.device == "cuda",
+    )  # fmt: skip
+    result = run_training(DEMO / "base_model", conversations, run_dir, AdapterSpec("milora", 4), config)
+    state = PartialState()
+    report = {
+        "engine": str(state.distributed_type),
+        "processes": state.num_processes,
+        "steps": result.global_step,
+        "loss": round(result.train_loss, 4),
+        "adapter_written": (run_dir / "adapter" / "adapter_model.safetensors").is_file(),
+    }
+    if state.is_main_process:
+        print(json.dumps(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/gpu_pipeline.py", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -108,8 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-pipeline"))
+    parser.add_argument(
+        "--fsdp-check",
+        action="store_true",
+        help="only train the demo base for 3 steps (run it under `accelerate launch --config_file "
+        "configs/accelerate/fsdp.yaml`) and report the engine the Trainer used",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.fsdp_check:
+        return fsdp_check(args)
     shutil.rmtree(args.work, ignore_errors=True)
     base, init_dir, run_dir = args.work / "base", args.work / "init", args.work / "run"
     report: dict = {"shape": args.shape, "device": args.device}
