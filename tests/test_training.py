@@ -1,4 +1,4 @@
-"""Training: outputs, determinism, NaN stop, SIGKILL + resume, and two processes = one."""
+"""Training: outputs, determinism, NaN stop, SIGKILL + resume, two processes = one, packing."""
 
 from __future__ import annotations
 
@@ -219,8 +219,9 @@ def test_replay_rows_are_trained_at_the_configured_share(chat_model_dir, tmp_pat
     original = loop._Trainer.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
-        for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), strict=True):
-            seen.append(tuple(t for t, m in zip(ids, mask, strict=True) if m) in replay_ids)
+        # Packed: one row, its sequences bounded by cu_seq_lens (no attention mask, no padding).
+        ids, bounds = inputs["input_ids"][0].tolist(), inputs["cu_seq_lens_q"].tolist()
+        seen.extend(tuple(ids[a:b]) in replay_ids for a, b in itertools.pairwise(bounds))
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(loop._Trainer, "compute_loss", spy)
@@ -234,7 +235,7 @@ def test_replay_rows_are_trained_at_the_configured_share(chat_model_dir, tmp_pat
     result = run_training(
         chat_model_dir, company_conversations(24), tmp_path / "run", AdapterSpec(r=4), config, replay=replay
     )
-    assert result.replay_examples == 40 and result.replay_per_batch == 2
+    assert result.replay_examples == 40 and result.replay_per_batch == 2 and result.packed
     assert len(seen) == 3 * 8
     assert [sum(seen[i : i + 8]) for i in range(0, 24, 8)] == [2, 2, 2]
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
@@ -242,3 +243,124 @@ def test_replay_rows_are_trained_at_the_configured_share(chat_model_dir, tmp_pat
     # Replay without a share is not trained on; a share without replay data is an error.
     with pytest.raises(ValueError, match="no replay data"):
         run_training(chat_model_dir, company_conversations(24), tmp_path / "none", AdapterSpec(r=4), config)
+
+
+# --------------------------------------------------------------------------- packing
+def response_only(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
+    """Examples of these lengths whose labels are -100 on a prompt (the first half)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 97, (n,), generator=gen).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n // 2) + ids[n // 2 :]})
+    return out
+
+
+class _PadTokenizer:
+    """What DataCollatorForSeq2Seq needs of a tokenizer to pad (right, with 0)."""
+
+    pad_token_id, padding_side, model_input_names = 0, "right", ["input_ids", "attention_mask"]
+
+    def pad(self, features, return_tensors="pt", **_):
+        longest = max(len(f["input_ids"]) for f in features)
+        return {
+            key: torch.tensor([f[key] + [0] * (longest - len(f[key])) for f in features])
+            for key in ("input_ids", "attention_mask")
+        }
+
+
+def test_a_packed_batch_has_the_padded_batch_loss_and_gradients():
+    from conftest import tiny_gpt2, tiny_llama
+
+    from milora.training.packing import (
+        PackingCollator,
+        packed_attention,
+        packing_matches_padding,
+        packing_unsupported,
+        padding_collator,
+        trained_logits_only,
+    )
+
+    features = response_only([7, 12, 5, 30, 9])
+    model = init_adapter(tiny_llama(), method="milora", r=4)  # eval mode: no dropout
+    assert packing_unsupported(model) is None and trained_logits_only(model)
+    packed = PackingCollator()(features)
+    # One row; positions restart for every sequence; each sequence's first label is -100.
+    assert packed["input_ids"].shape == (1, 63) and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [i for f in features for i in range(len(f["input_ids"]))]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 7, 19, 24, 54, 63] and packed["use_cache"] is False
+    assert all(packed["labels"][0, start] == -100 for start in (0, 7, 19, 24, 54))
+    padded = padding_collator(_PadTokenizer())(features)
+    trained = int((padded["labels"][:, 1:] != -100).sum())
+    assert packed["shift_labels"].shape == (1, trained) == (1, int(packed["logits_to_keep"].sum()))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=trained).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    padded_loss, padded_grads = loss_and_grads(padded)
+    with packed_attention(model):
+        packed_loss, packed_grads = loss_and_grads(packed)
+    assert model.config._attn_implementation == "sdpa"  # restored after training
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=0, atol=1e-5)
+    assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 0
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # The check before training catches attention that crosses sequences.
+    class Crossing(PackingCollator):  # positions that never restart, no sequence bounds
+        def __call__(self, features, *args, **kwargs):
+            batch = super().__call__(features, *args, **kwargs)
+            del batch["cu_seq_lens_q"], batch["cu_seq_lens_k"]
+            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+            return batch
+
+    assert packing_matches_padding(model, _PadTokenizer(), features, PackingCollator())
+    with pytest.raises(ValueError, match="differs from the padded loss"):
+        packing_matches_padding(model, _PadTokenizer(), features, Crossing())
+    # Absolute position embeddings (GPT-2) read the restarted positions too.
+    gpt2 = tiny_gpt2()
+    assert packing_unsupported(gpt2) is None
+    with torch.no_grad(), packed_attention(gpt2):
+        gpt2_packed = gpt2(**PackingCollator(trained_logits_only(gpt2))(features)).loss
+    torch.testing.assert_close(gpt2_packed, gpt2(**padded).loss, rtol=0, atol=1e-5)
+
+
+def test_a_model_that_cannot_be_packed_trains_padded(chat_model_dir, tmp_path, caplog):
+    """Eager attention (kept as the user chose it) is padded, grouped by length, and says so."""
+    from milora.training.packing import packing_unsupported
+
+    base = load_base_model(chat_model_dir)
+    base.set_attn_implementation("eager")
+    model = init_adapter(base, method="milora", r=4)
+    assert "'eager', not 'sdpa'" in packing_unsupported(model)
+    with caplog.at_level("WARNING", logger="milora.training.loop"):
+        result = train_adapter(
+            model,
+            load_tokenizer(chat_model_dir),
+            company_conversations(8),
+            tmp_path / "run",
+            TrainConfig(max_steps=1, save_steps=10, **SMALL),
+        )
+    assert not result.packed and result.global_step == 1
+    assert "packing off: its attention is 'eager'" in caplog.text and "grouped by length" in caplog.text
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["packed"] is False
+
+
+def test_packed_training_follows_the_padded_training(chat_model_dir, tmp_path):
+    """Same order, no dropout: the Trainer's loss per token over accumulated micro-batches
+    (num_items_in_batch) and the trained adapter are the padded run's, packed."""
+    spec = AdapterSpec(r=4, lora_dropout=0.0)
+    runs = {}
+    for packing in (True, False):
+        config = TrainConfig(max_steps=3, save_steps=10, packing=packing, **SMALL)
+        run = tmp_path / str(packing)
+        result = run_training(chat_model_dir, company_conversations(24), run, spec, config)
+        assert result.packed is packing
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[packing] = [r["loss"] for r in rows if "loss" in r]
+    assert len(runs[True]) == 3
+    torch.testing.assert_close(runs[True], runs[False], rtol=0, atol=1e-5)
+    assert_same_adapter(tmp_path / "True", tmp_path / "False", rtol=1e-4, atol=1e-6)

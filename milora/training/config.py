@@ -36,6 +36,14 @@ class TrainConfig:
     group_by_length: bool = field(
         default=True, metadata={"help": "batch sequences of similar length (less padding)"}
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "padding-free micro-batches: each one's sequences in one row, attention kept "
+            "within each sequence (milora.training.packing); models that cannot (not sdpa, "
+            "sliding windows) are padded instead"
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU)"})
     gradient_checkpointing: bool = False
     replay_share: float = field(
