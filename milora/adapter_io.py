@@ -69,13 +69,15 @@ UNUSED_OPTIONS = (
     "alora_invocation_tokens",
     "arrow_config",
     "megatron_config",
-    "rank_pattern",
-    "alpha_pattern",
     "velora_config",
     "monteclora_config",
     "use_bdlora",
     "kasa_config",
 )
+
+
+# Per-layer ranks and alphas (PEFT's options): in adapter_config.json and, when set, milora.json.
+PATTERNS = ("rank_pattern", "alpha_pattern")
 
 
 def check_adapter_folder(path: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> None:
@@ -104,6 +106,11 @@ def check_adapter_folder(path: str | os.PathLike[str], manifest: dict[str, Any] 
         for key in ("r", "lora_alpha", "fan_in_fan_out"):
             if key in manifest and key in config and float(config[key]) != float(manifest[key]):
                 problems.append(f"{key} = {config[key]!r}, but {MANIFEST} says {manifest[key]!r}")
+        for key in PATTERNS:  # a manifest records a pattern only when there is one
+            found = {k: float(v) for k, v in (config.get(key) or {}).items()}
+            said = {k: float(v) for k, v in (manifest.get(key) or {}).items()}
+            if found != said:
+                problems.append(f"{key} = {config.get(key)!r}, but {MANIFEST} says {manifest.get(key)!r}")
         targets, recorded = config.get("target_modules"), manifest.get("target_modules")
         if isinstance(targets, list) and isinstance(recorded, list) and sorted(targets) != sorted(recorded):
             problems.append(f"target_modules = {sorted(targets)}, but {MANIFEST} says {sorted(recorded)}")
@@ -180,12 +187,13 @@ def write_adapter(
 
 
 def manifest_for(state: InitialFactors, **extra: Any) -> dict[str, Any]:
-    spec = asdict(state.spec)
+    spec = {k: v for k, v in asdict(state.spec).items() if k not in PATTERNS}
     if not isinstance(spec["target_modules"], str):
         spec["target_modules"] = list(spec["target_modules"])
     return {
         "format": FORMAT_VERSION,
         **spec,
+        **state.spec.patterns(),  # only when set: manifests without patterns are unchanged
         "scale": state.spec.scale,
         "fan_in_fan_out": state.fan_in_fan_out,
         "has_initial_factors": bool(state.factors),
@@ -259,6 +267,8 @@ def spec_from_manifest(manifest: dict[str, Any]) -> AdapterSpec:
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=float(manifest.get("lora_dropout", 0.0)),
         solver=manifest.get("solver", "auto"),
+        rank_pattern={k: int(v) for k, v in (manifest.get("rank_pattern") or {}).items()},
+        alpha_pattern={k: float(v) for k, v in (manifest.get("alpha_pattern") or {}).items()},
     )
 
 
@@ -280,6 +290,7 @@ def load_adapter(
     if manifest is not None and manifest.get("has_initial_factors"):
         initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
         modules = dict(base_model.named_modules())
+        spec = spec_from_manifest(manifest)
         scale = float(manifest["scale"])
         fan_in_fan_out = bool(manifest.get("fan_in_fan_out", False))
         for name in layer_names(initial):
@@ -289,7 +300,11 @@ def load_adapter(
                     f"it was made for {manifest.get('base_model')!r}"
                 )
             key_a, key_b = factor_keys(name)
-            subtract_initial(modules[name].weight, initial[key_a], initial[key_b], scale, fan_in_fan_out)
+            # Each layer's own scale under a rank/alpha pattern, as init_adapter used it.
+            layer_scale = spec.scale_of(name) if spec.has_patterns else scale
+            subtract_initial(
+                modules[name].weight, initial[key_a], initial[key_b], layer_scale, fan_in_fan_out
+            )
     model = PeftModel.from_pretrained(
         base_model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable
     )

@@ -10,7 +10,10 @@ W0 + D1 + D2. Plain-LoRA deltas add by stacking factors,
 
 a plain LoRA of rank sum(r_i) at one scale s, exact, for the *stock* base; a server with a
 rank limit (vLLM's ``max_lora_rank``) gets it truncated by :func:`compress_factors`, its
-relative error reported. Only factors are touched, never a full weight matrix.
+relative error reported. Only factors are touched, never a full weight matrix. With
+per-layer ranks (PEFT's ``rank_pattern``) a layer's rank is the sum of its ranks in the
+chain, each member's layer at its own scale, and a rank limit truncates only the layers
+above it.
 
 :func:`start_from_champion` is where such a month begins: ``continue`` keeps training the
 champion's own adapter (its initial factors rebuild the residual, so the served delta stays
@@ -24,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,17 @@ from milora.adapter_io import (
     write_adapter,
 )
 from milora.config import AdapterSpec
-from milora.conversion import compress_factors, convert_adapter, merge_adapter, plain_lora, plain_lora_config
-from milora.layout import FROM_VERSION, PARENT_RECORD
+from milora.conversion import (
+    PATTERNS,
+    compress_factors,
+    convert_adapter,
+    layer_patterns,
+    layer_rank_alpha,
+    merge_adapter,
+    plain_lora,
+    plain_lora_config,
+)
+from milora.layout import FROM_VERSION, PARENT_RECORD, WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +63,9 @@ STARTS = ("continue", "refold")  # how a run from the champion begins (see start
 
 @dataclass(frozen=True)
 class ChainReport:
-    """What :func:`chain_adapters` wrote: the rank, and per layer the relative error of a
-    truncation to ``serve_rank`` (empty when the sum was kept whole)."""
+    """What :func:`chain_adapters` wrote: the rank (the largest layer's, with per-layer ranks),
+    and per layer the relative error of a truncation to ``serve_rank`` (only the layers
+    truncated; empty when the sum was kept whole)."""
 
     rank: int
     errors: dict[str, float]
@@ -62,8 +75,12 @@ class ChainReport:
         return max(self.errors.values(), default=0.0)
 
 
-def chain_state(deltas: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
-    """The stacked factors of a sum of plain-LoRA deltas ``(state, scale)``, at scale 1."""
+def chain_state(
+    deltas: Sequence[tuple[dict[str, torch.Tensor], float | Mapping[str, float]]],
+) -> dict[str, torch.Tensor]:
+    """The stacked factors of a sum of plain-LoRA deltas ``(state, scale)``, at scale 1
+    (``scale``: one for every layer, or ``{layer: its scale}``); a layer's rank is the sum
+    of its ranks in the deltas."""
     if not deltas:
         raise ValueError("a chain needs at least one adapter")
     names = layer_names(deltas[0][0])
@@ -74,7 +91,13 @@ def chain_state(deltas: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict
     for name in names:
         key_a, key_b = factor_keys(name)
         out[key_a] = torch.cat([state[key_a] for state, _ in deltas], dim=0)
-        out[key_b] = torch.cat([state[key_b] * scale for state, scale in deltas], dim=1)
+        out[key_b] = torch.cat(
+            [
+                state[key_b] * (scale[name] if isinstance(scale, Mapping) else scale)
+                for state, scale in deltas
+            ],
+            dim=1,
+        )
     return out
 
 
@@ -90,35 +113,47 @@ def chain_adapters(
     deltas, config = [], None
     for path in adapter_dirs:
         state, found = plain_lora(path)
-        plain_lora_config(found, int(found["r"]), float(found["lora_alpha"]))  # refuses patterns, rsLoRA
-        scale = float(found["lora_alpha"]) / int(found["r"])
+        plain_lora_config(found, int(found["r"]), float(found["lora_alpha"]))  # refuses rsLoRA
+        if found.get("rank_pattern") or found.get("alpha_pattern"):  # each layer its own scale
+            scale: float | dict[str, float] = {}
+            for name in layer_names(state):
+                own_rank, own_alpha = layer_rank_alpha(found, name)
+                scale[name] = own_alpha / own_rank
+        else:
+            scale = float(found["lora_alpha"]) / int(found["r"])
         if config is not None and found.get("fan_in_fan_out") != config.get("fan_in_fan_out"):
             raise ValueError(f"{path}: fan_in_fan_out differs from the chain's first adapter")
         config = config or found
         deltas.append((state, scale))
     state = chain_state(deltas)
-    rank = next(t.shape[0] for k, t in state.items() if k.endswith("lora_A.weight"))
+    ranks = {name: state[factor_keys(name)[0]].shape[0] for name in layer_names(state)}
     errors: dict[str, float] = {}
-    if serve_rank is not None and serve_rank < rank:
+    if serve_rank is not None:
         for name in layer_names(state):
-            key_a, key_b = factor_keys(name)
-            state[key_a], state[key_b], errors[name] = compress_factors(
-                state[key_a], state[key_b], serve_rank
-            )
-        rank = serve_rank
+            if serve_rank < ranks[name]:  # layers already within the limit stay exact
+                key_a, key_b = factor_keys(name)
+                state[key_a], state[key_b], errors[name] = compress_factors(
+                    state[key_a], state[key_b], serve_rank
+                )
+                ranks[name] = serve_rank
+    # Scale 1 everywhere: each layer's alpha is its rank.
+    r, alpha, rank_pattern, alpha_pattern = layer_patterns({n: (k, float(k)) for n, k in ranks.items()})
+    rank = max(ranks.values())
+    config = plain_lora_config(config or {}, r, alpha, rank_pattern, alpha_pattern)
     write_adapter(
         Path(out_dir),
         state,
-        plain_lora_config(config or {}, rank, float(rank)),
+        config,
         {
             **{  # base model, targets, versions of the first; not what described it alone
                 k: v
                 for k, v in (read_manifest(adapter_dirs[0]) or {}).items()
-                if k not in ("training", CHAIN_KEY) and not k.startswith("compressed")
+                if k not in ("training", CHAIN_KEY, *PATTERNS) and not k.startswith("compressed")
             },
             "method": "lora",
-            "r": rank,
-            "lora_alpha": float(rank),
+            "r": r,
+            "lora_alpha": alpha,
+            **{key: config[key] for key in PATTERNS if config.get(key)},
             "has_initial_factors": False,
             # Relative to the chained folder: a run folder moves (published by a rename) and
             # the registry holds its adapters side by side.
@@ -207,9 +242,23 @@ def write_served(
     on folded weights, truncated to ``serve_rank`` when that is smaller."""
     if start_weights is None and serve_rank is None:
         manifest = read_manifest(convert_adapter(adapter_dir, out_dir)) or {}
+        if manifest.get("rank_pattern"):  # the largest layer's rank (what a server must allow)
+            return ChainReport(max(layer_ranks(out_dir).values()), {})
         return ChainReport(int(manifest.get("r", 0)), {})
     members = [start_weights, adapter_dir] if start_weights is not None else [adapter_dir]
     return chain_adapters(members, out_dir, serve_rank=serve_rank)
+
+
+def layer_ranks(adapter_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """``{layer: rank}`` of a saved adapter, from its safetensors header (no tensor read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / WEIGHTS), framework="pt") as handle:
+        keys = list(handle.keys())
+        return {
+            name: handle.get_slice(factor_keys(name)[0]).get_shape()[0]
+            for name in layer_names(dict.fromkeys(keys))
+        }
 
 
 def conversation_digest(conversation: Sequence[Any]) -> str:

@@ -50,6 +50,28 @@ def _targets(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _rank_pattern(text: str | None) -> dict[str, int]:
+    """``q_proj=8,model.layers.0.mlp.down_proj=4`` as ``{key: rank}``."""
+    pattern: dict[str, int] = {}
+    for item in _targets(text or ""):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit():
+            raise typer.BadParameter(
+                f"{item!r}: write layer=rank, e.g. q_proj=8", param_hint="--rank-pattern"
+            )
+        pattern[key.strip()] = int(value)
+    return pattern
+
+
+RankPatternOption = Annotated[
+    str | None,
+    typer.Option(
+        help="per-layer ranks, e.g. 'q_proj=8,model.layers.0.mlp.down_proj=4' (PEFT's rank_pattern: "
+        "a module name suffix or a full layer name; alpha follows each rank unless --alpha)"
+    ),
+]
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     # A transformers/PEFT deprecation notice on every model wrap; nothing a user can act on.
@@ -72,6 +94,7 @@ def init(
     targets: Annotated[str, typer.Option(help="comma-separated module names")] = ",".join(DEFAULT_TARGETS),
     dropout: Annotated[float, typer.Option()] = 0.05,
     solver: Annotated[str, typer.Option(help="auto, gram, svd64 or svd32")] = "auto",
+    rank_pattern: RankPatternOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="decomposition cache folder")] = None,
     device: Annotated[str | None, typer.Option(help="where to decompose (default: cuda if present)")] = None,
     dtype: DtypeOption = "float32",
@@ -87,7 +110,9 @@ def init(
     ] = False,
 ) -> None:
     """Wrap BASE in a freshly initialised adapter and save it (with its initial factors)."""
-    spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout, solver)
+    spec = AdapterSpec(
+        method, rank, alpha, _targets(targets), dropout, solver, rank_pattern=_rank_pattern(rank_pattern)
+    )
     if out.exists() and not overwrite:  # before any decomposition, not after
         console.print(f"[red]error[/]: {out} exists; pass --overwrite to replace it")
         raise typer.Exit(2)
@@ -106,7 +131,9 @@ def init(
     if process:
         return
     console.print(
-        f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g} on "
+        f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g}"
+        + (f" (rank_pattern {dict(spec.rank_pattern)})" if spec.rank_pattern else "")
+        + " on "
         f"{len(state.factors) or 'all'} layers -> {out} (init {state.seconds:.2f} s, "
         f"{state.cache_hits} from cache)"
     )
@@ -287,6 +314,10 @@ def _print_suggestion(model, r: int, targets: tuple[str, ...] | None, as_json: b
         f"[green]suggested[/]: rank {advice.rank}, target_modules {list(advice.target_modules)}"
         + (f", rank_pattern for {len(advice.rank_pattern)} layers" if advice.rank_pattern else "")
     )
+    # Ready to paste into params.yaml's train section (or `milora init --rank-pattern`).
+    console.print(f"  rank: {advice.rank}", highlight=False)
+    console.print(f"  target_modules: {json.dumps(list(advice.target_modules))}", highlight=False)
+    console.print(f"  rank_pattern: {json.dumps(advice.rank_pattern)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -353,6 +384,7 @@ def train(
     alpha: Annotated[float | None, typer.Option(help="lora_alpha; default r (2r for lora)")] = None,
     targets: Annotated[str, typer.Option(help="comma-separated module names")] = ",".join(DEFAULT_TARGETS),
     dropout: Annotated[float, typer.Option()] = 0.05,
+    rank_pattern: RankPatternOption = None,
     learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
     epochs: Annotated[float, typer.Option()] = 3.0,
     max_steps: Annotated[int, typer.Option(help="optimiser steps; -1 = from --epochs")] = -1,
@@ -371,7 +403,9 @@ def train(
 
     Distributed: the same command under `torchrun --nproc_per_node=N -m milora.cli train ...`.
     """
-    spec = AdapterSpec(method, rank, alpha, _targets(targets), dropout)
+    spec = AdapterSpec(
+        method, rank, alpha, _targets(targets), dropout, rank_pattern=_rank_pattern(rank_pattern)
+    )
     config = TrainConfig(
         learning_rate=learning_rate,
         num_epochs=epochs,

@@ -8,6 +8,10 @@ no model has to be loaded and the initial adapter is never rewritten. Rank 2r ca
 server's LoRA rank limit (vLLM's ``max_lora_rank``), so :func:`compress_adapter` truncates
 the update to a chosen rank from its factors alone (QR of each factor, SVD of a 2r x 2r
 core), reporting the error it introduces.
+
+Per-layer ranks (PEFT's ``rank_pattern``/``alpha_pattern``) carry through: a layer of rank
+r_l converts to rank 2 r_l (the patterns' ranks and alphas double under the same keys, so
+every layer keeps its scale), and compression truncates only the layers above the rank.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from milora.adapter_io import (
     read_manifest,
     write_adapter,
 )
+from milora.config import pattern_value
+
+PATTERNS = ("rank_pattern", "alpha_pattern")
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +61,54 @@ class CompressionReport:
         return max(self.errors.values(), default=0.0)
 
 
-def plain_lora_config(config: dict[str, Any], r: int, alpha: float) -> dict[str, Any]:
-    """A PEFT config for a plain LoRA of rank ``r`` (refusing what conversion cannot carry)."""
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError("adapters with rank_pattern/alpha_pattern are not supported for conversion")
+def plain_lora_config(
+    config: dict[str, Any],
+    r: int,
+    alpha: float,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """A PEFT config for a plain LoRA of rank ``r`` and lora_alpha ``alpha``, its layers of
+    another rank or alpha in ``rank_pattern``/``alpha_pattern`` (refusing what conversion
+    cannot carry). A pattern key the source config has is replaced (by ``{}`` when None);
+    a config without one gets none unless a pattern is given."""
     if config.get("use_rslora"):
         raise ValueError("rsLoRA adapters are not supported for conversion")
     out = dict(config)
     out.update(r=r, lora_alpha=alpha, init_lora_weights=True)
+    for key, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if pattern or key in out:
+            out[key] = dict(sorted((pattern or {}).items()))
     return out
+
+
+def layer_rank_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
+    """(rank, lora_alpha) a PEFT LoRA config gives the layer ``name``: its rank_pattern and
+    alpha_pattern resolved by PEFT's own rule (:func:`milora.config.pattern_value`)."""
+    rank = int(pattern_value(config.get("rank_pattern"), name, config["r"]))
+    return rank, float(pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
+
+
+def layer_patterns(
+    layers: dict[str, tuple[int, float]],
+) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)`` of a PEFT config that gives every layer
+    of ``{name: (rank, alpha)}`` exactly its own: the most common (rank, alpha) is the
+    default (ties: the larger rank), every other layer is named in full in the patterns.
+    Checked by resolving each layer as PEFT will."""
+    if not layers:
+        raise ValueError("no layers to describe")
+    counts: dict[tuple[int, float], int] = {}
+    for pair in layers.values():
+        counts[pair] = counts.get(pair, 0) + 1
+    r, alpha = max(counts, key=lambda pair: (counts[pair], pair))
+    rank_pattern = {name: rank for name, (rank, _) in layers.items() if rank != r}
+    alpha_pattern = {name: a for name, (_, a) in layers.items() if a != alpha}
+    config = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    wrong = [name for name, pair in layers.items() if layer_rank_alpha(config, name) != pair]
+    if wrong:  # a layer name that, as PEFT's pattern, also names another layer
+        raise ValueError(f"layer names {wrong[:3]} cannot be told apart by PEFT's rank_pattern rule")
+    return r, alpha, rank_pattern, alpha_pattern
 
 
 def convert_state(
@@ -88,8 +134,22 @@ def plain_lora(adapter_dir: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
     if (read_manifest(adapter_dir) or {}).get("has_initial_factors"):
         initial, _ = read_adapter(adapter_dir / INITIAL_DIR)
         r = 2 * int(config["r"])
-        return convert_state(state, initial), plain_lora_config(config, r, 2 * float(config["lora_alpha"]))
+        # Every layer's rank and alpha double (its scale stays), under the same pattern keys.
+        doubled = {
+            key: {k: 2 * v for k, v in (config.get(key) or {}).items()}
+            for key in ("rank_pattern", "alpha_pattern")
+        }
+        return convert_state(state, initial), plain_lora_config(
+            config, r, 2 * float(config["lora_alpha"]), doubled["rank_pattern"], doubled["alpha_pattern"]
+        )
     return state, config
+
+
+def with_patterns(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` recording the rank/alpha patterns ``config`` has (none: no keys)."""
+    out = {k: v for k, v in manifest.items() if k not in PATTERNS}
+    out.update({key: dict(config[key]) for key in PATTERNS if config.get(key)})
+    return out
 
 
 def convert_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
@@ -98,14 +158,17 @@ def convert_adapter(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathL
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     manifest = read_manifest(adapter_dir) or {"method": "lora"}
     state, config = plain_lora(adapter_dir)
-    new_manifest = {
-        **{k: v for k, v in manifest.items() if k != "has_initial_factors"},
-        "method": "lora",
-        "converted_from": manifest.get("method"),
-        "r": int(config["r"]),
-        "lora_alpha": float(config["lora_alpha"]),
-        "has_initial_factors": False,
-    }
+    new_manifest = with_patterns(
+        {
+            **{k: v for k, v in manifest.items() if k != "has_initial_factors"},
+            "method": "lora",
+            "converted_from": manifest.get("method"),
+            "r": int(config["r"]),
+            "lora_alpha": float(config["lora_alpha"]),
+            "has_initial_factors": False,
+        },
+        config,
+    )
     write_adapter(out, state, config, new_manifest)
     logger.info("converted %s adapter -> plain LoRA r=%s at %s", manifest.get("method"), config["r"], out)
     return out
@@ -126,6 +189,31 @@ def compress_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch
     return A_new.to(A.dtype), B_new.to(B.dtype), error
 
 
+def compress_state(
+    trained: dict[str, torch.Tensor], config: dict[str, Any], rank: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, tuple[int, float]]]:
+    """Every layer of a plain LoRA truncated to at most ``rank``, keeping its own scale:
+    (tensors, relative error per layer, ``{layer: (new rank, new alpha)}``). A layer whose
+    rank is already at most ``rank`` is kept as it is (exact, error 0)."""
+    state: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    layers: dict[str, tuple[int, float]] = {}
+    for name in layer_names(trained):
+        key_a, key_b = factor_keys(name)
+        own_rank, own_alpha = layer_rank_alpha(config, name)
+        if trained[key_a].shape[0] != own_rank:
+            raise ValueError(
+                f"{name}: factors of rank {trained[key_a].shape[0]}, but its config says {own_rank}"
+            )
+        if own_rank <= rank:
+            state[key_a], state[key_b], errors[name] = trained[key_a], trained[key_b], 0.0
+            layers[name] = (own_rank, own_alpha)
+        else:
+            state[key_a], state[key_b], errors[name] = compress_factors(trained[key_a], trained[key_b], rank)
+            layers[name] = (rank, own_alpha / own_rank * rank)
+    return state, errors, layers
+
+
 def compress_adapter(
     adapter_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -134,6 +222,10 @@ def compress_adapter(
     source: str | os.PathLike[str] | None = None,
 ) -> CompressionReport:
     """Truncate a plain LoRA adapter (e.g. a converted one) to ``rank``, keeping its scale.
+
+    Per layer: a layer of a ``rank_pattern`` whose rank is already at most ``rank`` is kept
+    exactly; the others are truncated to ``rank`` (:func:`compress_state`), the written
+    config's patterns giving each layer its rank and scale.
 
     ``source``: the adapter the plain LoRA was converted from (default ``adapter_dir``),
     recorded so ``verify`` can measure the compressed model against it."""
@@ -144,26 +236,25 @@ def compress_adapter(
     if rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
     source_rank = int(config["r"])
-    scale = float(config["lora_alpha"]) / source_rank
-    state: dict[str, torch.Tensor] = {}
-    errors: dict[str, float] = {}
-    for name in layer_names(trained):
-        key_a, key_b = factor_keys(name)
-        state[key_a], state[key_b], errors[name] = compress_factors(trained[key_a], trained[key_b], rank)
-    config = plain_lora_config(config, rank, scale * rank)
+    state, errors, layers = compress_state(trained, config, rank)
+    r, alpha, rank_pattern, alpha_pattern = layer_patterns(layers)
+    config = plain_lora_config(config, r, alpha, rank_pattern, alpha_pattern)
     source = Path(source or adapter_dir).resolve()
     write_adapter(
         Path(out_dir),
         state,
         config,
-        {
-            **manifest,
-            "r": rank,
-            "lora_alpha": scale * rank,
-            "compressed_max_error": max(errors.values()),
-            "compressed_from": str(source),
-            "compressed_from_rank": source_rank,
-        },
+        with_patterns(
+            {
+                **manifest,
+                "r": r,
+                "lora_alpha": alpha,
+                "compressed_max_error": max(errors.values()),
+                "compressed_from": str(source),
+                "compressed_from_rank": source_rank,
+            },
+            config,
+        ),
     )
     report = CompressionReport(rank, errors)
     if report.max_error > COMPRESSION_WARN_ERROR:

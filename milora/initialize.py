@@ -7,7 +7,9 @@ with s = alpha / r:
     W = U diag(S) V^T,  keep r triplets (minor for MiLoRA, principal for PiSSA)
     A0 = diag(sqrt(S_r / s)) V_r^T,  B0 = U_r diag(sqrt(S_r / s)),  W_res = W - s B0 A0
 
-so the wrapped model computes exactly what the base computed. The initial factors are
+so the wrapped model computes exactly what the base computed. With a ``rank_pattern`` /
+``alpha_pattern`` each layer has its own r and s (:meth:`AdapterSpec.for_layer`, PEFT's
+matching rule), and everything above holds per layer. The initial factors are
 kept on the model (``model.milora_init``) and saved with every adapter: they are needed to
 rebuild W_res from the stock base and to convert the trained adapter for serving.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,7 +34,7 @@ from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.decomposition import Components, decompose
 from milora.methods import INIT_METHODS, InitMethod
 from milora.sharding import share_out, world
-from milora.targets import find_targets
+from milora.targets import TargetError, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ def init_adapter(
     target_modules: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS,
     lora_dropout: float = 0.05,
     solver: str = "auto",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
     cache: DecompositionCache | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
@@ -70,9 +74,10 @@ def init_adapter(
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA adapter initialised by ``method``.
 
-    Pass either a validated ``spec`` or the method, rank, alpha, targets, dropout and
-    solver as keywords. ``device`` is where decompositions run (default: CUDA when
-    available, one matrix at a time, else where the weight lives). ``cache`` skips
+    Pass either a validated ``spec`` or the method, rank, alpha, targets, dropout, solver
+    and per-layer rank/alpha patterns (PEFT's ``rank_pattern``/``alpha_pattern``) as
+    keywords. ``device`` is where decompositions run (default: CUDA when available, one
+    matrix at a time, else where the weight lives). ``cache`` skips
     decompositions already done for these exact weights. ``seed`` fixes plain LoRA's
     random A. ``workers`` > 1 decomposes that many matrices at once on the CPU, each
     with one BLAS thread (default 1: on a 2-core machine that was faster, see README).
@@ -85,8 +90,11 @@ def init_adapter(
             target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
             lora_dropout=lora_dropout,
             solver=solver,
+            rank_pattern=rank_pattern or {},
+            alpha_pattern=alpha_pattern or {},
         )
-    found = find_targets(model, spec.target_modules, spec.r)
+    found = find_targets(model, spec.target_modules, min([spec.r, *dict(spec.rank_pattern).values()]))
+    check_layer_ranks(spec, {t.name: t.shape for t in found})
     fan_in_fan_out = found[0].fan_in_fan_out
     config = lora_config(spec, fan_in_fan_out)
     if seed is not None:
@@ -104,14 +112,17 @@ def init_adapter(
             layers, spec, method, fan_in_fan_out, cache, _compute_device(device), workers, progress
         )
         for name, layer in layers.items():
-            state.factors[name] = _apply_factors(layer, adapter_name, *factors[name], spec, fan_in_fan_out)
+            state.factors[name] = _apply_factors(
+                layer, adapter_name, *factors[name], spec.for_layer(name), fan_in_fan_out
+            )
         state.seconds = time.perf_counter() - started
         state.cache_hits = (cache.hits - hits_before) if cache is not None else 0
         logger.info(
-            "%s init of %d matrices (r=%d) in %.2f s, %d from cache",
+            "%s init of %d matrices (r=%d%s) in %.2f s, %d from cache",
             spec.method,
             len(layers),
             spec.r,
+            f", {len(spec.rank_pattern)} rank_pattern keys" if spec.rank_pattern else "",
             state.seconds,
             state.cache_hits,
         )
@@ -119,12 +130,32 @@ def init_adapter(
     return peft_model
 
 
+def check_layer_ranks(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> None:
+    """Every layer's own rank fits its ``(out, in)`` shape, and the spec's patterns say one
+    thing per layer (:meth:`AdapterSpec.check_layers`); raises with what to do otherwise."""
+    if not spec.has_patterns:
+        return  # find_targets / target_weights checked r against every shape
+    try:
+        spec.check_layers(shapes)
+    except ValueError as error:
+        raise TargetError(str(error)) from None
+    for name, shape in shapes.items():
+        rank = spec.rank_of(name)
+        if rank > min(shape):
+            raise TargetError(
+                f"rank {rank} (rank_pattern) exceeds min(out, in)={min(shape)} of {name} "
+                f"(shape {shape[0]}x{shape[1]}); choose a rank <= {min(shape)}"
+            )
+
+
 def lora_config(spec: AdapterSpec, fan_in_fan_out: bool) -> LoraConfig:
     """PEFT's config of the adapter ``spec`` describes (PEFT's own init; the method's factors
-    are written over it)."""
+    are written over it). Patterns go in sorted key order, as PEFT reads them back."""
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.lora_alpha,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
         lora_dropout=spec.lora_dropout,
         target_modules=spec.target_modules
         if isinstance(spec.target_modules, str)
@@ -213,7 +244,7 @@ def _initial_factors(
 
     def one(name: str) -> tuple[str, tuple[torch.Tensor, torch.Tensor]]:
         weight = layers[name].get_base_layer().weight.detach()
-        return name, method.init(weight.T if fan_in_fan_out else weight, spec, components)
+        return name, method.init(weight.T if fan_in_fan_out else weight, spec.for_layer(name), components)
 
     _, processes = world()
     if processes > 1:  # under torchrun: each matrix decomposed by one rank, broadcast to all
@@ -222,7 +253,7 @@ def _initial_factors(
             rows, cols = layer.get_base_layer().weight.shape  # Conv1D stores in x out
             shapes[name] = (cols, rows) if fan_in_fan_out else (rows, cols)
         shared = share_out(
-            shapes, spec.r, lambda name: one(name)[1], progress=progress, desc=f"{spec.method} init"
+            shapes, spec.rank_of, lambda name: one(name)[1], progress=progress, desc=f"{spec.method} init"
         )
         return shared.factors
     on_cpu = (device or next(iter(layers.values())).get_base_layer().weight.device).type == "cpu"

@@ -6,7 +6,9 @@ already oriented), after which the frozen base becomes ``W_res = W - s B0 A0`` a
 wrapped model computes exactly what the base computed; or None to keep PEFT's own LoRA
 start (Kaiming ``A``, zero ``B``, ``W`` untouched). ``components(weight, rank, side)`` gives
 the weight's singular triplets, served from the decomposition cache and computed on the
-configured device otherwise, so methods never deal with caching or devices.
+configured device otherwise, so methods never deal with caching or devices. ``spec`` is the
+layer's own (:meth:`~milora.config.AdapterSpec.for_layer`): under a ``rank_pattern`` its
+``r`` and ``scale`` are that layer's, so a method never deals with patterns either.
 
 A new method is one function and one entry of :data:`INIT_METHODS`; the adapter spec, the
 settings, the CLI and the reports read the names, default scales and spectrum side here.

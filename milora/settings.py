@@ -197,6 +197,11 @@ class TrainSettings(Section):
     rank: int = Field(16, ge=1)
     alpha: float | None = Field(None, gt=0, description="null: r for milora/pissa, 2r for lora")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="per-layer ranks: {module name or layer name: rank} (PEFT's rank_pattern); "
+        "milora inspect --suggest prints one",
+    )
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     solver: str = Field("auto", description="decomposition solver: auto, gram, svd64, svd32")
     device: str | None = Field(None, description="SVD device; null = cuda when present, else cpu")
@@ -258,6 +263,7 @@ class TrainSettings(Section):
             tuple(self.target_modules),
             self.dropout,
             self.solver,
+            rank_pattern=dict(self.rank_pattern),
         )
 
 

@@ -89,7 +89,7 @@ class SharedInit:
 
 def share_out(
     shapes: Mapping[str, Shape],
-    rank: int,
+    rank: int | Mapping[str, int] | Callable[[str], int],
     compute: Callable[[str], Factors],
     *,
     progress: bool = True,
@@ -98,8 +98,10 @@ def share_out(
     """Every matrix's ``(A0, B0)`` (``A0``: r x in, ``B0``: out x r for an ``out x in`` shape),
     each computed by one process of the group and broadcast to the others.
 
-    ``compute(name)`` runs only for this process's share. Without a process group (or with
-    one process) it runs for every matrix, in the given order.
+    ``rank``: r of every matrix, or each matrix's own (a mapping or a function of its name,
+    e.g. :meth:`milora.config.AdapterSpec.rank_of` for a ``rank_pattern``). ``compute(name)``
+    runs only for this process's share. Without a process group (or with one process) it
+    runs for every matrix, in the given order.
     """
     me, size = world()
     if size == 1:
@@ -116,8 +118,10 @@ def share_out(
     }
     transport = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     factors: dict[str, Factors] = {}
+    rank_of = rank.__getitem__ if isinstance(rank, Mapping) else rank if callable(rank) else lambda _: rank
     for name in sorted(shapes):  # the same order on every rank
         out_features, in_features = shapes[name]
+        r = int(rank_of(name))
         owner = owners[name]
         if owner == me:
             A0, B0 = computed[name]
@@ -125,8 +129,8 @@ def share_out(
             sent = [f.to(transport or f.device, torch.float64).contiguous() for f in (A0, B0)]
         else:
             sent = [
-                torch.empty(rank, in_features, dtype=torch.float64, device=transport),
-                torch.empty(out_features, rank, dtype=torch.float64, device=transport),
+                torch.empty(r, in_features, dtype=torch.float64, device=transport),
+                torch.empty(out_features, r, dtype=torch.float64, device=transport),
             ]
         for tensor in sent:
             dist.broadcast(tensor, src=owner)

@@ -31,7 +31,13 @@ from milora.adapter_io import config_text, factor_keys, manifest_for, write_adap
 from milora.atomic import atomic_directory
 from milora.cache import DecompositionCache
 from milora.config import AdapterSpec
-from milora.initialize import InitialFactors, _compute_device, components_source, lora_config
+from milora.initialize import (
+    InitialFactors,
+    _compute_device,
+    check_layer_ranks,
+    components_source,
+    lora_config,
+)
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
 from milora.sharding import share_out, world
@@ -93,6 +99,20 @@ def weight_shapes(weights: dict[str, Path]) -> dict[str, tuple[int, int]]:
     return {name: shapes[name] for name in weights}
 
 
+def check_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> None:
+    """Every matrix's rank (``r``, or its ``rank_pattern`` rank) fits its shape, as
+    :func:`milora.targets.find_targets` checks on a loaded model; the patterns say one thing
+    per layer."""
+    if not spec.has_patterns:
+        for name, shape in shapes.items():
+            if spec.r > min(shape):
+                raise TargetError(
+                    f"rank r={spec.r} exceeds min(out, in)={min(shape)} of {name} "
+                    f"(shape {shape[0]}x{shape[1]}); choose r <= {min(shape)}"
+                )
+    check_layer_ranks(spec, shapes)
+
+
 def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str | None:
     """Why :func:`init_streamed` cannot initialise ``spec`` on this checkpoint; None if it can."""
     if INIT_METHODS[spec.method].init is None:
@@ -137,14 +157,16 @@ def init_streamed(
     hits = cache.hits if cache is not None else 0
     state = InitialFactors(spec=spec, fan_in_fan_out=False)
     weights = target_weights(base_dir, spec.target_modules)
+    shapes = weight_shapes(weights)
+    check_shapes(spec, shapes)
 
     def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         with safe_open(str(weights[name]), framework="pt") as handle:
             weight = handle.get_tensor(f"{name}.weight")
-        return method.init(weight, spec, components)
+        return method.init(weight, spec.for_layer(name), components)
 
     shared = share_out(
-        weight_shapes(weights), spec.r, factors, progress=progress, desc=f"{spec.method} init (streamed)"
+        shapes, spec.rank_of, factors, progress=progress, desc=f"{spec.method} init (streamed)"
     )
     adapter: dict[str, torch.Tensor] = {}
     for name, (A0, B0) in shared.factors.items():

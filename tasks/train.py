@@ -169,15 +169,17 @@ def _check_continue(start: ChampionStart, spec: AdapterSpec) -> None:
     if start.strategy != "continue":
         return
     found = spec_from_manifest(read_manifest(start.adapter) or {})
-    if (found.method, found.r, tuple(found.target_modules)) != (
+    if (found.method, found.r, tuple(found.target_modules), found.rank_pattern) != (
         spec.method,
         spec.r,
         tuple(spec.target_modules),
+        spec.rank_pattern,
     ):
         raise ValueError(
             f"train.from_champion.strategy continue keeps the champion's adapter ({found.method} "
-            f"r={found.r}, {list(found.target_modules)}), but params.yaml asks for {spec.method} r={spec.r}, "
-            f"{list(spec.target_modules)}: use strategy refold to change the adapter, or start: base"
+            f"r={found.r}, {list(found.target_modules)}, rank_pattern {dict(found.rank_pattern)}), but "
+            f"params.yaml asks for {spec.method} r={spec.r}, {list(spec.target_modules)}, rank_pattern "
+            f"{dict(spec.rank_pattern)}: use strategy refold to change the adapter, or start: base"
         )
 
 

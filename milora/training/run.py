@@ -110,7 +110,8 @@ def run_key(
     """What makes a run this run: resuming is only sound when all of it is unchanged."""
     content = [list(conversations), list(replay)] if replay else list(conversations)
     data = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    described: dict[str, object] = {"spec": asdict(spec), "config": asdict(config)}
+    # The patterns join only when set: the keys of runs without one stay as they were.
+    described: dict[str, object] = {"spec": {**asdict(spec), **spec.patterns()}, "config": asdict(config)}
     if serve_rank is not None:
         described["serve_rank"] = serve_rank
     if dtype != "float32":  # the default leaves the keys of earlier runs as they were
@@ -156,7 +157,15 @@ def _check_init(model: object, init_dir: Path, spec: AdapterSpec) -> None:
     found = spec_from_manifest(manifest)
     mismatched = [
         name
-        for name in ("method", "r", "lora_alpha", "lora_dropout", "target_modules")
+        for name in (
+            "method",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+        )
         if getattr(found, name) != getattr(spec, name)
     ]
     if mismatched:
