@@ -134,7 +134,7 @@ def write(rows: list[dict], advice: dict, out: Path, args: argparse.Namespace) -
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    within = [r for r in rows if r["world_probes_forgetting"] <= args.max_forgetting]
+    within = [r for r in rows[:-1] if r["world_probes_forgetting"] <= args.max_forgetting]  # the grid
     best = max(within, key=lambda r: r["company"]) if within else None
     mine = rows[-1]
     verdict = {
