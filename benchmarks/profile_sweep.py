@@ -109,6 +109,8 @@ def write(rows: list[dict[str, float]], out: Path, args: argparse.Namespace) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.frontier_plot import save_frontier
+
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for rate, share in dict.fromkeys((r["learning_rate"], r["replay_share"]) for r in rows):
         curve = [r for r in rows if (r["learning_rate"], r["replay_share"]) == (rate, share)]
@@ -116,13 +118,7 @@ def write(rows: list[dict[str, float]], out: Path, args: argparse.Namespace) -> 
                 markersize=3, label=f"lr {rate:g}, replay {share:g}")  # fmt: skip
     ax.axhline(0.85, color="grey", lw=0.8, ls="--")
     ax.axvline(0.05, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("world-probe forgetting (lower is better)")
-    ax.set_ylabel("company score, current truth")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "frontier.png")
-    plt.close(fig)
+    save_frontier(fig, ax, out / "frontier.png")
     return text
 
 

@@ -169,6 +169,8 @@ def write(rows: list[dict], advice: dict, out: Path, args: argparse.Namespace) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.frontier_plot import save_frontier
+
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for kind in dict.fromkeys(r["targets"] for r in rows[:-1]):
         curve = [r for r in rows[:-1] if r["targets"] == kind]
@@ -179,13 +181,7 @@ def write(rows: list[dict], advice: dict, out: Path, args: argparse.Namespace) -
     ax.scatter([mine["world_probes_forgetting"]], [mine["company"]], marker="*", s=160, color="black",
                label="suggested", zorder=3)  # fmt: skip
     ax.axvline(args.max_forgetting, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("world-probe forgetting (lower is better)")
-    ax.set_ylabel("company score, current truth")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png")
-    plt.close(fig)
+    save_frontier(fig, ax, out / "sweep.png")
     return text
 
 
