@@ -47,7 +47,8 @@ WORKDIR /opt/milora
 COPY . .
 RUN pip install -c constraints.txt -e ".[pipeline,cluster]" ${EXTRA_PACKAGES} \
     && pip check \
-    && chown -R milora:milora /opt/milora
+    && chown -R milora:milora /opt/milora \
+    && mkdir -p /home/milora/work && chown milora:milora /home/milora/work
 
 USER milora
 # Flow runs start here: the pull step clones the deployed commit into this folder.

@@ -303,7 +303,7 @@ def _print_suggestion(model, r: int, targets: tuple[str, ...] | None, as_json: b
     console.print(table)
     console.print(
         f"rule: per layer, the largest r in 2..64 (<= n/4) whose r minor components hold <= "
-        f"{MAX_MINOR_ENERGY:.0%} of the energy and reach >= {MIN_MINOR_LEVEL:g} of the median singular value"
+        f"{MAX_MINOR_ENERGY:.0%} of the energy, their median >= {MIN_MINOR_LEVEL:g} of the spectrum's median"
     )
     for kind, reason in advice.reasons.items():
         console.print(f"  {kind}: {reason}")
@@ -318,6 +318,9 @@ def _print_suggestion(model, r: int, targets: tuple[str, ...] | None, as_json: b
     console.print(f"  rank: {advice.rank}", highlight=False)
     console.print(f"  target_modules: {json.dumps(list(advice.target_modules))}", highlight=False)
     console.print(f"  rank_pattern: {json.dumps(advice.rank_pattern)}", highlight=False, soft_wrap=True)
+    if advice.rank_pattern:
+        flag = ",".join(f"{k}={v}" for k, v in advice.rank_pattern.items())
+        console.print(f"  (milora init/train --rank-pattern '{flag}')", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -14,6 +14,7 @@ exactly, so a receiver's copy equals the owner's value bit for bit.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -69,7 +70,8 @@ def process_group(device: str | torch.device | None = None) -> Iterator[tuple[in
         on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
         if on_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_cuda else "gloo")
+        # Ranks wait in the first broadcast for the slowest rank's whole share: a generous timeout.
+        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(hours=2))
         created = True
     try:
         yield world()
@@ -125,6 +127,12 @@ def share_out(
         owner = owners[name]
         if owner == me:
             A0, B0 = computed[name]
+            # The receivers allocate these shapes: a mismatch would hang or garble, never raise.
+            if tuple(A0.shape) != (r, in_features) or tuple(B0.shape) != (out_features, r):
+                raise RuntimeError(
+                    f"{name}: factors {tuple(A0.shape)}, {tuple(B0.shape)} are not the planned "
+                    f"({r}, {in_features}), ({out_features}, {r})"
+                )
             # Contiguous: A0 is often a transposed view, and a collective sends the raw storage.
             sent = [f.to(transport or f.device, torch.float64).contiguous() for f in (A0, B0)]
         else:

@@ -41,7 +41,7 @@ from milora.initialize import (
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
 from milora.sharding import share_out, world
-from milora.targets import TargetError
+from milora.targets import TargetError, matches
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...]) -
                 name = module.rpartition(".")[2]
                 if "embed" not in name:  # embeddings are 2-D but not linear layers
                     adaptable.add(name)
-                if name in targets:
+                if matches(module, targets):  # PEFT's rule, as init_adapter applies it
                     found[module] = shard
-    missing = [t for t in targets if t not in {m.rpartition(".")[2] for m in found}]
+    missing = [t for t in targets if not any(matches(m, (t,)) for m in found)]
     if missing:
         raise TargetError(
             f"target modules {missing} not found among the model's linear layers; "
@@ -113,6 +113,17 @@ def check_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> None:
     check_layer_ranks(spec, shapes)
 
 
+def renamed_on_load(model_type: str) -> bool:
+    """Whether transformers maps this model type's checkpoint keys to other names (or fuses
+    them, as for mixture-of-experts layers) on load: the checkpoint's names are then not the
+    loaded model's, and an adapter written from them would not load."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: checkpoints load under their own names
+        return False
+    return bool(get_checkpoint_conversion_mapping(model_type))
+
+
 def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str | None:
     """Why :func:`init_streamed` cannot initialise ``spec`` on this checkpoint; None if it can."""
     if INIT_METHODS[spec.method].init is None:
@@ -123,6 +134,8 @@ def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str
     model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
     if model_type in CONV1D_MODELS:
         return f"{model_type} stores its weights as Conv1D"
+    if model_type and renamed_on_load(model_type):
+        return f"transformers renames {model_type}'s checkpoint weights when it loads them"
     try:
         checkpoint_files(base_dir)
     except FileNotFoundError as error:

@@ -7,9 +7,9 @@ and learn slowly (both A0 and B0 scale with the square root of those values). Th
 reads exactly that off each target matrix's singular values ``s_1 >= ... >= s_n``:
 
 - a module's rank is the largest ``r`` of :data:`RANKS` (at most ``n / 4``) whose r minor
-  components hold at most ``max_minor_energy`` of ``||W||_F^2`` (minor) and whose largest one
-  is at least ``min_minor_level`` times the median singular value (alive); none: the
-  module is not suggested;
+  components hold at most ``max_minor_energy`` of ``||W||_F^2`` (minor) and whose median is
+  at least ``min_minor_level`` times the median singular value of the whole spectrum (alive:
+  most of the r directions start away from zero); none: the module is not suggested;
 - a module name (``q_proj``, ...) is a suggested target when at least half its layers have a
   rank; the suggested r is the median of those layers' ranks (rounded down to :data:`RANKS`),
   and layers whose own rank is smaller get it in a ``rank_pattern`` (a layer of a suggested
@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 RANKS = (2, 4, 8, 16, 32, 64)
 MAX_MINOR_ENERGY = 0.01  # the r minor components may hold at most 1% of the weight's energy
-MIN_MINOR_LEVEL = 0.05  # ... and their largest must reach 5% of the median singular value
+MIN_MINOR_LEVEL = 0.05  # ... and their median must reach 5% of the median singular value
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -85,20 +85,21 @@ def describe(
     def minor_energy(k: int) -> float:
         return float(energy[n - k :].sum()) / total
 
-    def minor_top(k: int) -> float:
-        return float(s[n - k])
+    def minor_level(k: int) -> float:
+        """The median of the k minor values (a larger k cannot hide dead directions)."""
+        return float(s[n - k :].median())
 
     fits = [
         k
         for k in RANKS
-        if k <= n // 4 and minor_energy(k) <= max_minor_energy and minor_top(k) >= min_minor_level * median
+        if k <= n // 4 and minor_energy(k) <= max_minor_energy and minor_level(k) >= min_minor_level * median
     ]
     chosen = max(fits, default=0)
     if chosen:
         reason = (
             f"r={chosen}: its {chosen} minor components hold {minor_energy(chosen):.2%} of the energy "
-            f"(<= {max_minor_energy:.0%}) and reach {minor_top(chosen) / median:.2f} of the median "
-            f"singular value (>= {min_minor_level:g})"
+            f"(<= {max_minor_energy:.0%}), their median {minor_level(chosen) / median:.2f} of the "
+            f"spectrum's median (>= {min_minor_level:g})"
         )
     else:
         smallest = RANKS[0]
@@ -107,9 +108,9 @@ def describe(
             why.append(f"too small ({n} singular values)")
         if minor_energy(smallest) > max_minor_energy:
             why.append(f"even {smallest} minor components hold {minor_energy(smallest):.2%} of the energy")
-        if minor_top(smallest) < min_minor_level * median:
+        if minor_level(smallest) < min_minor_level * median:
             why.append(
-                f"its minor components vanish ({minor_top(smallest) / median:.2g} of the median): "
+                f"its minor components vanish ({minor_level(smallest) / median:.2g} of the median): "
                 "MiLoRA's factors would start near zero"
             )
         reason = "not suggested: " + "; ".join(why)

@@ -3,8 +3,10 @@
 The retrain flow holds ``MILORA_GPUS`` slots (default 1; the cluster work pools' job
 templates set it from the run's ``gpu_count``) of the limit named ``GPU_LIMIT`` while its
 GPU stages run (SVD init, training, evaluation), so two trainings never share a GPU: a run
-that finds every slot taken waits for one. Create the limit once on the Prefect server, with
-as many slots as the GPUs its workers run on::
+that finds every slot taken waits for one (on Kubernetes, where the scheduler places each
+job on GPUs of its own; a Docker device request for N GPUs gives every container GPUs 0 to
+N-1 of its host, so a Docker host needs a limit of its own with one slot). Create the limit
+once on the Prefect server, with as many slots as the GPUs its workers run on::
 
     prefect gcl create milora-gpu --limit 4
 

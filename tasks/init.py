@@ -38,6 +38,8 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     model) whenever the method and the checkpoint allow it, else on the loaded model; the
     adapters are the same bit for bit. Under ``torchrun`` each rank decomposes its share.
     """
+    import torch
+
     from milora.adapter_io import save_adapter
     from milora.cache import DecompositionCache
     from milora.initialize import init_adapter
@@ -52,7 +54,7 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     cache = DecompositionCache(settings.path(cfg.cache_dir)) if cfg.cache_dir else None
     not_streamed = why_not_streamed(base_path, spec)
     started = time.perf_counter()
-    with process_group(cfg.device) as (process, _):
+    with process_group(cfg.device) as (process, size):
         if not_streamed is None:
             init_streamed(
                 base_path, spec, out, cache=cache, device=cfg.device,
@@ -73,6 +75,8 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
                     model, out, base_model=str(settings.base_model), overwrite=True,
                     extra={"init_seconds": seconds}, mark_output=True,
                 )  # fmt: skip
+            if size > 1:
+                torch.distributed.barrier()  # the folder exists on every rank's return
     seconds = time.perf_counter() - started
     logger.info("%s r=%d initialised in %.1f s -> %s", cfg.method, cfg.rank, seconds, out)
     return {

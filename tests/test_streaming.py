@@ -161,3 +161,10 @@ def test_two_processes_share_the_init_and_hold_the_same_factors(sharded, tmp_pat
     two, _ = read_adapter(tmp_path / "two")
     single, _ = read_adapter(tmp_path / "one")
     assert all(torch.equal(two[k], single[k]) for k in single)
+
+
+def test_streamed_targets_follow_peft_s_suffix_rule(sharded, tmp_path):
+    path, _ = sharded
+    dotted = target_weights(path, ("self_attn.q_proj", "mlp.down_proj"))
+    assert dotted and all(n.endswith(("self_attn.q_proj", "mlp.down_proj")) for n in dotted)
+    assert dotted.keys() == target_weights(path, ("q_proj", "down_proj")).keys()

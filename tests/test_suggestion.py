@@ -86,3 +86,12 @@ def test_milora_inspect_suggest_on_a_model(llama_dir):
     shown = CliRunner().invoke(app, ["inspect", llama_dir, "--suggest", "--targets", "q_proj,v_proj"])
     assert shown.exit_code == 0 and "rule: per layer, the largest r" in shown.output
     assert "q_proj" in shown.output and "down_proj" not in shown.output
+
+
+def test_dead_directions_are_not_hidden_behind_a_larger_rank():
+    """60 vanishing values under healthy ones: at r = 64 the 4 healthy ones would lift the
+    largest minor value, but the median of the 64 stays dead, so no rank is suggested."""
+    weight = with_spectrum([1.0] * 452 + [1e-4] * 60)
+    found = describe("layers.0.down_proj", weight, r=64)
+    assert found.minor_energy <= 0.01  # minor enough: only liveness refuses it
+    assert found.suggested_rank == 0 and "vanish" in found.reason

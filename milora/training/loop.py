@@ -320,6 +320,10 @@ def _collator(
     if not config.packing:
         return padding_collator(tokenizer)
     reason = packing_unsupported(model)
+    if reason is None and torch.cuda.device_count() > 1 and world_size() == 1:
+        # The Trainer would wrap the model in nn.DataParallel, which splits every tensor along
+        # dim 0: a packed row is one sample, and its sequence bounds would be cut apart.
+        reason = f"{torch.cuda.device_count()} GPUs in one process (nn.DataParallel); launch with torchrun"
     collator = PackingCollator(trained_only=trained_logits_only(model))
     if reason is None and len(examples) > 1:
         shortest = sorted(examples, key=lambda e: len(e["input_ids"]))[:4]

@@ -57,6 +57,8 @@ def _sequence_bounds(kwargs: dict[str, Any], length: int) -> tuple[torch.Tensor,
     if cu is not None:
         longest = kwargs.get("max_length_q")
         cu = cu.to(torch.long)
+        if int(cu[-1]) != length:  # e.g. nn.DataParallel split the boundaries, not the row
+            raise RuntimeError(f"packed row of {length} tokens but sequence bounds end at {int(cu[-1])}")
         if longest is None:
             longest = int(cu.diff().max())
         return (cu, int(longest)) if len(cu) > 2 else None

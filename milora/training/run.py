@@ -111,7 +111,10 @@ def run_key(
     content = [list(conversations), list(replay)] if replay else list(conversations)
     data = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     # The patterns join only when set: the keys of runs without one stay as they were.
-    described: dict[str, object] = {"spec": {**asdict(spec), **spec.patterns()}, "config": asdict(config)}
+    # Packing changes how batches are laid out, not what is learnt (the same loss per token):
+    # a run started padded resumes packed, and keys of runs from before it stay as they were.
+    config_fields = {k: v for k, v in asdict(config).items() if k != "packing"}
+    described: dict[str, object] = {"spec": {**asdict(spec), **spec.patterns()}, "config": config_fields}
     if serve_rank is not None:
         described["serve_rank"] = serve_rank
     if dtype != "float32":  # the default leaves the keys of earlier runs as they were
