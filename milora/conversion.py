@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,15 +284,19 @@ def verify_adapter(
     load_base: Callable[[], nn.Module],
     adapter_dir: str | os.PathLike[str],
     input_ids: torch.Tensor | None = None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Relative logit differences: base vs adapter, adapter vs converted LoRA, vs merged,
     and, for an adapter ``compress_adapter`` wrote, the compressed one vs its source.
 
     ``load_base`` returns a fresh stock base each call (the adapter rewrites its weights).
+    ``inputs``: further model inputs passed with ``input_ids`` to every model, e.g. a
+    vision-language model's ``pixel_values`` (``input_ids`` then holding its image tokens).
     """
+    extra = dict(inputs or {})
 
     def logits(model: nn.Module) -> torch.Tensor:
-        return model.eval()(input_ids).logits.double()
+        return model.eval()(input_ids, **extra).logits.double()
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm()).item()
@@ -300,7 +304,8 @@ def verify_adapter(
     base = load_base()
     if input_ids is None:
         gen = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=gen)
+        vocab_size = base.config.get_text_config().vocab_size  # a VLM's is its text model's
+        input_ids = torch.randint(0, vocab_size, (2, 32), generator=gen)
     reference = logits(base)
     adapted = logits(load_adapter(load_base(), adapter_dir))
     with tempfile.TemporaryDirectory() as tmp:

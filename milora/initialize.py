@@ -34,7 +34,7 @@ from milora.config import DEFAULT_TARGETS, AdapterSpec
 from milora.decomposition import Components, decompose
 from milora.methods import INIT_METHODS, InitMethod
 from milora.sharding import share_out, world
-from milora.targets import TargetError, find_targets
+from milora.targets import TargetError, exclude_modules, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def init_adapter(
     found = find_targets(model, spec.target_modules, min([spec.r, *dict(spec.rank_pattern).values()]))
     check_layer_ranks(spec, {t.name: t.shape for t in found})
     fan_in_fan_out = found[0].fan_in_fan_out
-    config = lora_config(spec, fan_in_fan_out)
+    # Vision-language bases: the vision tower and projector stay out unless named (PEFT's own
+    # exclude_modules, saved with the adapter so every load wraps the same layers).
+    config = lora_config(spec, fan_in_fan_out, exclude_modules(model, spec.target_modules))
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
@@ -148,9 +150,10 @@ def check_layer_ranks(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> 
             )
 
 
-def lora_config(spec: AdapterSpec, fan_in_fan_out: bool) -> LoraConfig:
+def lora_config(spec: AdapterSpec, fan_in_fan_out: bool, exclude: str | None = None) -> LoraConfig:
     """PEFT's config of the adapter ``spec`` describes (PEFT's own init; the method's factors
-    are written over it). Patterns go in sorted key order, as PEFT reads them back."""
+    are written over it). Patterns go in sorted key order, as PEFT reads them back.
+    ``exclude``: PEFT's ``exclude_modules`` (:func:`milora.targets.exclude_modules`)."""
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.lora_alpha,
@@ -160,6 +163,7 @@ def lora_config(spec: AdapterSpec, fan_in_fan_out: bool) -> LoraConfig:
         target_modules=spec.target_modules
         if isinstance(spec.target_modules, str)
         else list(spec.target_modules),
+        exclude_modules=exclude,
         fan_in_fan_out=fan_in_fan_out,
         init_lora_weights=True,
         bias="none",

@@ -1,13 +1,27 @@
-"""Loading base models and tokenizers the safe way: local folders, safetensors, no remote code."""
+"""Loading base models and tokenizers the safe way: local folders, safetensors, no remote code.
+
+A causal LM loads through ``AutoModelForCausalLM``. A vision-language checkpoint (a config
+with ``vision_config`` and ``text_config``, LLaVA-style ``image-text-to-text``) whose type
+``AutoModelForCausalLM`` does not know loads through ``AutoModelForImageTextToText``; the
+adapter then goes on its language model only (:func:`milora.targets.exclude_modules`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from milora.errors import UserFacingError
 
@@ -33,18 +47,45 @@ def parse_dtype(name: str) -> torch.dtype | str:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
 
 
+KINDS = ("auto", "causal-lm", "image-text-to-text")
+AUTO_CLASSES = {"causal-lm": AutoModelForCausalLM, "image-text-to-text": AutoModelForImageTextToText}
+
+
+def model_kind(config: dict) -> str:
+    """``image-text-to-text`` for a vision-language config (``vision_config`` and
+    ``text_config``) of a type ``AutoModelForCausalLM`` does not load; ``causal-lm`` otherwise
+    (so every model that loaded as a causal LM still does)."""
+    vision_language = "vision_config" in config and "text_config" in config
+    if vision_language and config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "image-text-to-text"
+    return "causal-lm"
+
+
+def is_vision_language(path: str | os.PathLike[str]) -> bool:
+    """Whether a model folder holds a vision-language model :func:`load_base_model` loads
+    through ``AutoModelForImageTextToText``."""
+    config = Path(path) / "config.json"
+    return config.is_file() and model_kind(json.loads(config.read_text())) == "image-text-to-text"
+
+
 def load_base_model(
     path: str | os.PathLike[str],
     *,
     dtype: str = "float32",
     device: str | None = None,
     trust_remote_code: bool = False,
+    kind: str = "auto",
 ) -> PreTrainedModel:
-    """A causal LM from a local Hugging Face folder; refuses pickled weights."""
+    """A causal LM, or a vision-language model (``kind``: ``auto`` from its config, see
+    :func:`model_kind`), from a local Hugging Face folder; refuses pickled weights."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ModelFolderError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = model_kind(json.loads((folder / "config.json").read_text()))
+    model = AUTO_CLASSES[kind].from_pretrained(
         folder,
         dtype=parse_dtype(dtype),
         trust_remote_code=trust_remote_code,

@@ -131,7 +131,13 @@ def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str
     if isinstance(spec.target_modules, str):
         return f"target_modules is a pattern ({spec.target_modules!r}), resolved on the loaded model"
     config_path = Path(base_dir) / "config.json"
-    model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    model_type = config.get("model_type")
+    if "vision_config" in config:
+        return (
+            f"{model_type or 'this model'} is a vision-language model: which layers are its language "
+            "model's (the vision tower and projector are left out) is resolved on the loaded model"
+        )
     if model_type in CONV1D_MODELS:
         return f"{model_type} stores its weights as Conv1D"
     if model_type and renamed_on_load(model_type):

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from milora.targets import exclude_modules, excluded
+
 RANKS = (2, 4, 8, 16, 32, 64)
 MAX_MINOR_ENERGY = 0.01  # the r minor components may hold at most 1% of the weight's energy
 MIN_MINOR_LEVEL = 0.05  # ... and their median must reach 5% of the median singular value
@@ -177,10 +179,12 @@ def suggest(modules: Iterable[ModuleSpectrum]) -> Suggestion:
 
 def candidate_modules(model: nn.Module, targets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """``{layer name: weight (out x in)}`` of ``targets`` (module names), or by default of every
-    linear layer inside the model's blocks (the output head and embeddings excluded)."""
+    linear layer inside the model's blocks (the output head and embeddings excluded; on a
+    vision-language model, its language model's, as the init adapts by default)."""
     found: dict[str, torch.Tensor] = {}
+    exclude = exclude_modules(model, targets or ())
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or "." not in name:
+        if not isinstance(module, (nn.Linear, Conv1D)) or "." not in name or excluded(name, exclude):
             continue
         kind = name.rsplit(".", 1)[-1]
         if (targets is not None and kind not in targets) or (targets is None and kind == "lm_head"):
