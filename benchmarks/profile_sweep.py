@@ -44,16 +44,12 @@ COLUMNS = [
 
 
 def sweep(args: argparse.Namespace) -> list[dict[str, float]]:
+    from benchmarks.sweeps import validated_dataset
     from tasks.compare import compare_run
-    from tasks.ingest import ingest
-    from tasks.validate import validate
 
     base = load_settings(ROOT / "params.yaml")
     out = Path(args.out).resolve()
-    dataset = out / "dataset"
-    if not (dataset / "manifest.json").is_file():  # the configured drops and replay data, validated once
-        ingest(base, out_dir=out / "ingested")
-        validate(base, out / "ingested", dataset, out / "reports")
+    dataset = validated_dataset(base, out)
     rows = []
     for share in args.replay:
         for rate in args.lr:
@@ -109,7 +105,7 @@ def write(rows: list[dict[str, float]], out: Path, args: argparse.Namespace) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.frontier_plot import save_frontier
+    from benchmarks.sweeps import save_frontier
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for rate, share in dict.fromkeys((r["learning_rate"], r["replay_share"]) for r in rows):

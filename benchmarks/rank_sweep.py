@@ -96,15 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "rank_sweep"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tasks.ingest import ingest
-    from tasks.validate import validate
+    from benchmarks.sweeps import validated_dataset
 
     base = load_settings(ROOT / "params.yaml")
     out = Path(args.out).resolve()
-    dataset = out / "dataset"
-    if not (dataset / "manifest.json").is_file():  # the configured drops and replay data, validated once
-        ingest(base, out_dir=out / "ingested")
-        validate(base, out / "ingested", dataset, out / "reports")
+    dataset = validated_dataset(base, out)
     advice = suggested(base)
     logger.info("suggestion: %s", advice)
     rows = [
@@ -169,7 +165,7 @@ def write(rows: list[dict], advice: dict, out: Path, args: argparse.Namespace) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.frontier_plot import save_frontier
+    from benchmarks.sweeps import save_frontier
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     for kind in dict.fromkeys(r["targets"] for r in rows[:-1]):

@@ -181,6 +181,24 @@ def chain(
     console.print(f"{len(adapters)} adapters -> plain LoRA r={report.rank} for the stock base -> {out}{said}")
 
 
+# What a model folder holds beside its weights that a merged copy must keep: the tokenizer
+# (fast or sentencepiece/BPE files), the chat template (transformers 5 keeps it in its own
+# file), generation defaults and, for image-text-to-text models, the processor's settings.
+MODEL_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
 @app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="Hugging Face model folder of the stock base")],
@@ -194,12 +212,7 @@ def merge(
     merged = merge_adapter(model, adapter)
     merged.save_pretrained(out, safe_serialization=True)
     follow_umask(out)  # safetensors writes 0600: a serving user must be able to read it
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ):
+    for name in MODEL_SIDE_FILES:
         if (base / name).is_file() and not (out / name).exists():
             shutil.copy2(base / name, out / name)
     console.print(f"merged model -> {out}")

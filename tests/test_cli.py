@@ -120,3 +120,15 @@ def test_init_refuses_an_existing_folder_before_any_work(llama_dir, tmp_path, mo
     monkeypatch.setattr(milora.cli, "load_base_model", lambda *a, **k: pytest.fail("loaded the base first"))
     result = runner.invoke(app, ["init", llama_dir, str(out)])
     assert result.exit_code == 2 and "pass --overwrite to replace it" in result.output
+
+
+def test_merge_keeps_the_chat_template_and_processor_files(llama_dir, adapter, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    (base / "preprocessor_config.json").write_text("{}")
+    run("merge", str(base), str(adapter), str(tmp_path / "merged"))
+    for name in ("chat_template.jinja", "preprocessor_config.json"):
+        assert (tmp_path / "merged" / name).read_text() == (base / name).read_text(), name
