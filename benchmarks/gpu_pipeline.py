@@ -28,6 +28,7 @@ H100/H200 SXM's dense bfloat16). The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -36,6 +37,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -71,31 +73,24 @@ def peak_gpu_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
-def stage(report: dict, name: str, device: str):
-    """Context manager timing one stage and recording its peaks."""
-
-    class _Stage:
-        def __enter__(self):
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            self.started = time.perf_counter()
-            return self
-
-        def __exit__(self, *exc):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            report[name] = {
-                "seconds": round(time.perf_counter() - self.started, 2),
-                "peak_rss_gib": round(peak_rss_gib(), 2),
-                "peak_gpu_gib": None if device != "cuda" else round(peak_gpu_gib(device), 2),
-                **report.get(name, {}),
-            }
-            logging.info("%s: %s", name, report[name])
-            return False
-
-    return _Stage()
+@contextlib.contextmanager
+def stage(report: dict, name: str, device: str) -> Iterator[None]:
+    """Time one stage and record its peaks under ``report[name]``."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    yield
+    if device == "cuda":
+        torch.cuda.synchronize()
+    report[name] = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "peak_gpu_gib": None if device != "cuda" else round(peak_gpu_gib(device), 2),
+        **report.get(name, {}),
+    }
+    logging.info("%s: %s", name, report[name])
 
 
 def fsdp_check(args) -> int:

@@ -49,7 +49,7 @@ from milora.data.dataset import load_messages  # noqa: E402
 from milora.modeling import load_base_model, load_tokenizer  # noqa: E402
 from milora.training.config import TrainConfig  # noqa: E402
 from milora.training.examples import encode  # noqa: E402
-from milora.training.loop import LengthGroupedSampler, train_adapter  # noqa: E402
+from milora.training.loop import CHECKPOINTING_ARGUMENT, LengthGroupedSampler, train_adapter  # noqa: E402
 from milora.training.packing import (  # noqa: E402
     PackingCollator,
     packed_attention,
@@ -70,14 +70,6 @@ class CountingCollator(DataCollatorForSeq2Seq):
         self.useful += int(batch["attention_mask"].sum())
         self.total += batch["attention_mask"].numel()
         return batch
-
-
-# transformers 5.2x renamed gradient_checkpointing; either name, as the project's loop does.
-CHECKPOINTING = (
-    "activation_checkpointing"
-    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-    else "gradient_checkpointing"
-)
 
 
 def reset_peak() -> None:
@@ -125,7 +117,7 @@ def baseline(args, convs) -> dict:
                 disable_tqdm=True,
                 include_num_input_tokens_seen="non_padding",
                 bf16=args.bf16,
-                **{CHECKPOINTING: args.gradient_checkpointing},
+                **{CHECKPOINTING_ARGUMENT: args.gradient_checkpointing},
             ),
             train_dataset=examples,
             data_collator=collator,

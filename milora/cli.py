@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from milora.adapter_io import factor_keys, layer_names, read_adapter, read_manifest, save_adapter
+from milora.adapter_io import factor_keys, layer_names, read_adapter, read_manifest
 from milora.atomic import follow_umask
 from milora.cache import DecompositionCache
 from milora.chain import CHAIN_KEY, CHAIN_VS_MERGED, chain_adapters, verify_chain
@@ -29,11 +30,9 @@ from milora.conversion import (
     merge_adapter,
     verify_adapter,
 )
-from milora.initialize import init_adapter
 from milora.inspection import spectrum_report
 from milora.layout import INITIAL_DIR
 from milora.modeling import load_base_model
-from milora.sharding import process_group
 from milora.training import TrainConfig, run_training
 from milora.training.run import read_conversations
 
@@ -116,20 +115,14 @@ def init(
     if out.exists() and not overwrite:  # before any decomposition, not after
         console.print(f"[red]error[/]: {out} exists; pass --overwrite to replace it")
         raise typer.Exit(2)
-    cache = DecompositionCache(cache_dir) if cache_dir else None
-    with process_group(device) as (process, _):  # torchrun: each matrix decomposed by one rank
-        if streamed:
-            from milora.streaming import init_streamed
+    from milora.streaming import init_to_folder
 
-            state = init_streamed(base, spec, out, cache=cache, device=device, base_model=str(base))
-        else:
-            model = load_base_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-            peft_model = init_adapter(model, spec, cache=cache, device=device, seed=seed)
-            if process == 0:
-                save_adapter(peft_model, out, base_model=str(base), overwrite=overwrite)
-            state = peft_model.milora_init
-    if process:
-        return
+    state, _ = init_to_folder(
+        base, spec, out, streamed=streamed, cache=DecompositionCache(cache_dir) if cache_dir else None,
+        device=device, seed=seed, dtype=dtype, trust_remote_code=trust_remote_code, base_model=str(base),
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")):
+        return  # under torchrun: rank 0 reports
     console.print(
         f"[green]{spec.method}[/] adapter r={spec.r} alpha={spec.lora_alpha:g}"
         + (f" (rank_pattern {dict(spec.rank_pattern)})" if spec.rank_pattern else "")

@@ -226,3 +226,68 @@ def init_streamed(
         out_dir,
     )
     return state
+
+
+def init_to_folder(
+    base_dir: str | os.PathLike[str],
+    spec: AdapterSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    streamed: bool | None = None,
+    cache: DecompositionCache | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    base_model: str | None = None,
+    mark_output: bool = False,
+) -> tuple[InitialFactors, bool]:
+    """The adapter ``spec`` describes for ``base_dir``, written to ``out_dir``; returns its
+    initial state and whether it was streamed.
+
+    ``streamed``: True streams (an error where it cannot), False loads the model, None
+    streams whenever :func:`why_not_streamed` allows and says why not in the log. Under
+    ``torchrun`` the processes share the decompositions (:mod:`milora.sharding`) and rank 0
+    writes; every rank returns once the folder exists. The ``milora init`` command and the
+    pipeline's init stage both go through here.
+    """
+    from milora.adapter_io import save_adapter
+    from milora.initialize import init_adapter
+    from milora.modeling import load_base_model
+    from milora.sharding import process_group
+
+    if streamed is None:
+        reason = why_not_streamed(base_dir, spec)
+        streamed = reason is None
+        if reason is not None:
+            logger.info("init on the loaded model (not streamed: %s)", reason)
+    with process_group(device) as (process, size):
+        if streamed:
+            state = init_streamed(
+                base_dir,
+                spec,
+                out_dir,
+                cache=cache,
+                device=device,
+                base_model=base_model,
+                mark_output=mark_output,
+            )
+        else:
+            started = time.perf_counter()
+            model = init_adapter(
+                load_base_model(base_dir, dtype=dtype, trust_remote_code=trust_remote_code),
+                spec,
+                cache=cache,
+                device=device,
+                seed=seed,
+            )
+            seconds = time.perf_counter() - started
+            if process == 0:
+                save_adapter(
+                    model, out_dir, base_model=base_model, overwrite=True,
+                    extra={"init_seconds": seconds}, mark_output=mark_output,
+                )  # fmt: skip
+            if size > 1:
+                dist.barrier()  # the folder exists on every rank's return
+            state = model.milora_init
+    return state, streamed

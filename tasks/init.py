@@ -38,45 +38,22 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
     model) whenever the method and the checkpoint allow it, else on the loaded model; the
     adapters are the same bit for bit. Under ``torchrun`` each rank decomposes its share.
     """
-    import torch
-
-    from milora.adapter_io import save_adapter
     from milora.cache import DecompositionCache
-    from milora.initialize import init_adapter
-    from milora.modeling import load_base_model
-    from milora.sharding import process_group
-    from milora.streaming import init_streamed, why_not_streamed
+    from milora.streaming import init_to_folder
 
     cfg = settings.train
     out = claim(settings, out_dir, "train.init_dir")
-    base_path = settings.path(settings.base_model)
-    spec = cfg.adapter_spec()
-    cache = DecompositionCache(settings.path(cfg.cache_dir)) if cfg.cache_dir else None
-    not_streamed = why_not_streamed(base_path, spec)
     started = time.perf_counter()
-    with process_group(cfg.device) as (process, size):
-        if not_streamed is None:
-            init_streamed(
-                base_path, spec, out, cache=cache, device=cfg.device,
-                base_model=str(settings.base_model), mark_output=True,
-            )  # fmt: skip
-        else:
-            logger.info("init on the loaded model (not streamed: %s)", not_streamed)
-            model = init_adapter(
-                load_base_model(base_path),
-                spec,
-                cache=cache,
-                device=cfg.device,
-                seed=cfg.hyperparameters().seed,
-            )
-            seconds = time.perf_counter() - started
-            if process == 0:
-                save_adapter(
-                    model, out, base_model=str(settings.base_model), overwrite=True,
-                    extra={"init_seconds": seconds}, mark_output=True,
-                )  # fmt: skip
-            if size > 1:
-                torch.distributed.barrier()  # the folder exists on every rank's return
+    _, streamed = init_to_folder(
+        settings.path(settings.base_model),
+        cfg.adapter_spec(),
+        out,
+        cache=DecompositionCache(settings.path(cfg.cache_dir)) if cfg.cache_dir else None,
+        device=cfg.device,
+        seed=cfg.hyperparameters().seed,
+        base_model=str(settings.base_model),
+        mark_output=True,
+    )
     seconds = time.perf_counter() - started
     logger.info("%s r=%d initialised in %.1f s -> %s", cfg.method, cfg.rank, seconds, out)
     return {
@@ -84,7 +61,7 @@ def init(settings: Settings, out_dir: Path | None = None) -> dict[str, Any]:
         "seconds": seconds,
         "method": cfg.method,
         "rank": cfg.rank,
-        "streamed": not_streamed is None,
+        "streamed": streamed,
     }
 
 

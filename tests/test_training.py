@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import company_conversations
+from conftest import company_conversations, free_port
 from safetensors.torch import load_file
 
 from milora import AdapterSpec, init_adapter
@@ -145,12 +144,6 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(chat_model_dir,
     assert_same_adapter(run, tmp_path / "full", rtol=1e-6, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_train_like_one(chat_model_dir, data_file, tmp_path):
     """torchrun with 2 CPU processes (gloo), same global batch: the same adapter (tolerance 1e-5)."""
     options = cli_options(**{"max-steps": 4, "save-steps": 100, "dropout": 0.0})
@@ -160,7 +153,7 @@ def test_two_processes_train_like_one(chat_model_dir, data_file, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", "-m", "milora.cli", "train",
+        f"--master_port={free_port()}", "-m", "milora.cli", "train",
         chat_model_dir, str(data_file), str(tmp_path / "two"), *options,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -273,15 +273,18 @@ class _InitialFactorsInCheckpoints(TrainerCallback):
                 write_initial(self.model, folder)
 
 
+# transformers 5.2x renamed TrainingArguments' gradient_checkpointing; whichever it has.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
 def _arguments(config: TrainConfig, run_dir: Path, packed: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    # transformers 5.2x renamed gradient_checkpointing; accept either.
-    fields = TrainingArguments.__dataclass_fields__
-    checkpointing = (
-        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    )
     return TrainingArguments(
-        **{checkpointing: config.gradient_checkpointing},
+        **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
         output_dir=str(run_dir / CHECKPOINTS),
         per_device_train_batch_size=config.micro_batch_size,
         gradient_accumulation_steps=config.accumulation_steps(world_size()),
