@@ -122,13 +122,14 @@ def loadable_problems(adapter_dir: str | os.PathLike[str], base_dir: str | os.Pa
     """Why a plain LoRA adapter would not load on the base model (empty: it would): its files
     read whole, and every layer it adapts is a weight of the base with matching shapes. From
     the base's safetensors headers: no model is loaded."""
-    from milora.preflight import tensor_shapes
+    from milora.preflight import loaded_names, tensor_shapes
 
     try:
         state, config = read_adapter(adapter_dir)
     except Exception as error:  # safetensors, JSON and our own checks each raise their own type
         return [f"{adapter_dir}: {type(error).__name__}: {error}"]
-    shapes = tensor_shapes(Path(base_dir))
+    names = loaded_names(Path(base_dir))  # the adapter names the loaded model's modules
+    shapes = {names.get(key, key): shape for key, shape in tensor_shapes(Path(base_dir)).items()}
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     problems = []
     for name in layer_names(state):

@@ -436,6 +436,7 @@ def train(
         cache_dir=cache_dir,
         trust_remote_code=trust_remote_code,
         restart=restart,
+        image_root=Path(data).parent,  # a record's images are relative to its file
     )
     console.print(
         f"trained {result.global_step} steps ({result.examples} examples, loss {result.train_loss:.4f}) "

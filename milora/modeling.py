@@ -17,9 +17,11 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -98,7 +100,57 @@ def load_base_model(
     return model
 
 
+# Put before a vision-language chat template, it turns text content into the content parts
+# such templates iterate (LLaVA-1.5's renders a text-only string turn as nothing at all).
+TEXT_AS_PARTS = (
+    "{%- set parts = namespace(messages=[]) -%}{%- for m in messages -%}"
+    "{%- set parts.messages = parts.messages + [{'role': m['role'], 'content': "
+    "([{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'])}] -%}"
+    "{%- endfor -%}{%- set messages = parts.messages -%}"
+)
+
+
 def load_tokenizer(
     path: str | os.PathLike[str], *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+    """The base's tokenizer; a vision-language base's chat template also takes plain text
+    turns (:data:`TEXT_AS_PARTS`), so text suites and checks render as the processor would."""
+    tokenizer = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+    if is_vision_language(path):
+        text_as_parts(tokenizer)
+    return tokenizer
+
+
+def text_as_parts(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` with :data:`TEXT_AS_PARTS` before its chat template (once)."""
+    template = tokenizer.chat_template
+    if isinstance(template, str) and not template.startswith(TEXT_AS_PARTS):
+        tokenizer.chat_template = TEXT_AS_PARTS + template
+    return tokenizer
+
+
+class ProcessorError(ModelFolderError):
+    """A vision-language base without the processor its image inputs need."""
+
+
+def load_processor(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> ProcessorMixin:
+    """The processor of a vision-language base (image preprocessing, tokenizer and the chat
+    template that places the image tokens): training and evaluation ask the model through it,
+    exactly as it was taught."""
+    folder = Path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise ProcessorError(
+            f"{folder}: no processor for image inputs could be loaded ({error}); a vision-language "
+            "base folder needs its processor files (processor_config.json / preprocessor_config.json, "
+            "the tokenizer and its chat template), as the model's hub repository ships them"
+        ) from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ProcessorError(f"{folder}: {type(processor).__name__} is not an image-and-text processor")
+    if not processor.chat_template:
+        raise ProcessorError(
+            f"{folder}: the processor has no chat template (chat_template.jinja / chat_template.json); "
+            "image records are rendered through it"
+        )
+    return processor

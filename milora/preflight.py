@@ -43,6 +43,46 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     }
 
 
+def renamed_on_load(model_type: str) -> bool:
+    """Whether transformers maps this model type's checkpoint keys to other names (or fuses
+    them, as for mixture-of-experts layers) on load: the checkpoint's names are then not the
+    loaded model's, and an adapter written from them would not load."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: checkpoints load under their own names
+        return False
+    return bool(get_checkpoint_conversion_mapping(model_type))
+
+
+def loaded_names(folder: Path) -> dict[str, str]:
+    """``{checkpoint tensor name: its name in the loaded model}``: the same name, unless
+    transformers renames this model type's keys on load (LLaVA's checkpoint says
+    ``language_model.model.layers.0``, the loaded model ``model.language_model.layers.0``);
+    then transformers' own renaming decides, on the model built on the meta device (no
+    weight is read, torch is imported only then)."""
+    names = sorted(tensor_names(folder))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not renamed_on_load(str(config.get("model_type", ""))):
+        return {name: name for name in names}
+    import torch
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    from milora.modeling import AUTO_CLASSES, model_kind
+
+    with torch.device("meta"):
+        model = AUTO_CLASSES[model_kind(config)].from_config(AutoConfig.from_pretrained(folder))
+    meta = model.state_dict()
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    return {
+        name: rename_source_key(name, renamings, converters, model.base_model_prefix, meta)[0]
+        for name in names
+    }
+
+
 def base_model_problems(
     folder: Path, target_modules: Sequence[str] | str, *, key: str = "base_model"
 ) -> list[str]:

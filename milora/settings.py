@@ -115,6 +115,21 @@ class ContaminationSettings(Section):
     cache_dir: str | None = Field(".cache/contamination", description="index cache; null disables it")
 
 
+class ImageSettings(Section):
+    """Bounds on the images of vision-language records (rule ``image_size``)."""
+
+    min_side: int = Field(8, ge=1, description="pixels: a narrower or shorter image is too small")
+    max_side: int = Field(8192, ge=1, description="pixels: a wider or taller image is too large")
+    max_bytes: int = Field(50_000_000, ge=1, description="a larger image file is too large")
+    max_images: int = Field(8, ge=1, description="images one record may name")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImageSettings:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is above max_side {self.max_side}")
+        return self
+
+
 class ValidateSettings(Section):
     """The Great Expectations gate and what each broken rule does."""
 
@@ -131,6 +146,7 @@ class ValidateSettings(Section):
         default_factory=list, description="regexes of public values that are not PII (a support address)"
     )
     contamination: ContaminationSettings = Field(default_factory=ContaminationSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
     policies: dict[str, str] = Field(default_factory=dict, description="rule -> fail | warn | quarantine")
 
     @field_validator("policies")

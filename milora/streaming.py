@@ -40,6 +40,7 @@ from milora.initialize import (
 )
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
+from milora.preflight import renamed_on_load
 from milora.sharding import share_out, world
 from milora.targets import TargetError, matches
 
@@ -111,17 +112,6 @@ def check_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> None:
                     f"(shape {shape[0]}x{shape[1]}); choose r <= {min(shape)}"
                 )
     check_layer_ranks(spec, shapes)
-
-
-def renamed_on_load(model_type: str) -> bool:
-    """Whether transformers maps this model type's checkpoint keys to other names (or fuses
-    them, as for mixture-of-experts layers) on load: the checkpoint's names are then not the
-    loaded model's, and an adapter written from them would not load."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:  # older transformers: checkpoints load under their own names
-        return False
-    return bool(get_checkpoint_conversion_mapping(model_type))
 
 
 def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str | None:

@@ -68,9 +68,16 @@ class IngestReport:
 
 
 def _read_file(
-    path: Path, source: str, writer: PartWriter, settings: Settings, mapping: FieldMapping, seen: set[str]
+    path: Path,
+    source: str,
+    writer: PartWriter,
+    settings: Settings,
+    mapping: FieldMapping,
+    seen: set[str],
+    images: set[str],
 ) -> dict[str, Any]:
-    """Stream one file into ``writer``; returns its counts. Raises FileProblem."""
+    """Stream one file into ``writer``; returns its counts and adds the images its records
+    name to ``images`` (relative to the project root). Raises FileProblem."""
     cfg = settings.ingest
     local: set[str] = set()
     formats: Counter[str] = Counter()
@@ -78,7 +85,8 @@ def _read_file(
     duplicates = malformed = 0
     first_keys: list[str] | None = None
     for raw in iter_rows(path, cfg.csv_delimiter):
-        row = normalise(raw, mapping)
+        row = normalise(raw, mapping, path.parent, settings.root)
+        images.update(row["images"])
         rid = row["record_id"]
         duplicate = rid in seen or rid in local
         local.add(rid)
@@ -166,9 +174,10 @@ def drop_manifest(path: Path, settings: Settings, cache: dict[Path, dict[str, An
 
 
 def _unmatched(settings: Settings, files: list[Path], report: IngestReport) -> list[Finding]:
-    """Files of the watched folder this run would not read: a drop that matches no source
-    pattern must not slip by. Returns them as findings under a ``fail`` policy; under
-    ``warn`` they are logged and listed in the report."""
+    """Files of the watched folder this run would not read (``files``: those read, and the
+    images their records name): a drop that matches no source pattern must not slip by.
+    Returns them as findings under a ``fail`` policy; under ``warn`` they are logged and
+    listed in the report."""
     watch = settings.path(settings.ingest.watch).resolve()
     if watch == settings.root.resolve() or not watch.is_dir():
         return []  # no drop folder configured (the whole project is not a drop folder)
@@ -245,8 +254,9 @@ def ingest(
         )
     mapping = FieldMapping(cfg.column_map, cfg.message_keys, cfg.role_map)
     report = IngestReport(out)
-    failures: list[Finding] = [] if sources else _unmatched(settings, files, report)
+    failures: list[Finding] = []
     seen: set[str] = set()
+    images: set[str] = set()
     taken: set[str] = set()
     drops: dict[Path, dict[str, Any]] = {}
     with atomic_directory(out, mark=True) as scratch:
@@ -259,7 +269,7 @@ def ingest(
             try:
                 drop = drop_manifest(path, settings, drops) if role == COMPANY else None
                 with writer:
-                    counts = _read_file(path, source, writer, settings, mapping, seen)
+                    counts = _read_file(path, source, writer, settings, mapping, seen, images)
             except FileProblem as problem:
                 part.unlink(missing_ok=True)
                 policy = settings.validation.policy(problem.rule)
@@ -288,6 +298,8 @@ def ingest(
                 counts["duplicates"],
                 entry["file"],
             )
+        if not sources:  # after reading: the images records name belong to their drop
+            failures[:0] = _unmatched(settings, [*files, *(settings.path(p) for p in images)], report)
         if failures:
             raise DataValidationError(failures, headline="ingest failed")
         if not report.parts:

@@ -139,6 +139,7 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
             replay=replay,
             start=start,
             serve_rank=cfg.serve_rank,
+            image_root=dataset,  # image records name their images inside the dataset
         )
         if is_main_process():  # under torchrun, one process publishes
             (work / CHAIN_RECORD).write_text(json.dumps(chain, indent=1, sort_keys=True) + "\n")

@@ -15,7 +15,8 @@ Data Docs. Each failed expectation carries its rule in ``meta.rule``; the rule's
 ``params.yaml`` decides: ``fail`` stops the run, ``warn`` logs, ``quarantine`` sets the rows
 aside (``quarantine.jsonl`` with rule and reason) as long as at least ``min_rows`` clean rows
 remain. The dataset is written beside its target and renamed into place only when every
-part passed, so a failure changes no dataset version.
+part passed, so a failure changes no dataset version; the images of its clean rows go with it
+(``images/<sha256>.<ext>``, milora.data.images).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,11 +64,12 @@ from milora.data.facts import (
     normalised,
     resolve,
 )
+from milora.data.images import IMAGE_CHECKS, check_images, image_digests, published_name
 from milora.data.normalise import FORMATS
 from milora.data.pii import allow_pattern
 from milora.data.rules import CHECK_RULES, RULES, check_column
-from milora.data.tokens import TokenCounter, context_length
-from milora.settings import DEFAULT_PARAMS, Settings, SettingsError, load_settings
+from milora.data.tokens import TokenCounter, context_length, image_tokens
+from milora.settings import DEFAULT_PARAMS, ImageSettings, Settings, SettingsError, load_settings
 from tasks import claim, run_command
 from tasks.ingest import ingest
 
@@ -355,6 +358,9 @@ class _Tools:
     facts_checkpoint: Any
     data_docs: Path
     pii_allow: re.Pattern[str] | None
+    root: Path  # the ingested image paths are relative to it
+    images: ImageSettings
+    image_tokens: int  # tokens one image takes in the model's input
 
 
 _COUNTERS: dict[tuple[str, float], TokenCounter] = {}
@@ -400,21 +406,34 @@ def _tools(settings: Settings, reports: Path) -> _Tools:
                 f"validate.gx_dir: checkpoint {name!r} not found ({error}); run --init-gx"
             ) from None
     docs = reports / "gx" / "data_docs" / "index.html"
-    return _Tools(counter, index, int(max_tokens), *checkpoints, docs, allow_pattern(cfg.pii_allow))
+    return _Tools(
+        counter,
+        index,
+        int(max_tokens),
+        *checkpoints,
+        docs,
+        allow_pattern(cfg.pii_allow),
+        settings.root,
+        cfg.images,
+        image_tokens(settings.path(settings.base_model)),
+    )
 
 
 def derive_columns(
     rows: list[dict[str, Any]], tools: _Tools, company: dict[str, str] | None = None
 ) -> dict[str, list[Any]]:
-    """The per-row columns the suite judges: content checks, token counts, contamination, and
-    for general (replay) data, given ``company`` (a company question -> its newest answer),
-    rows that would teach a company question another answer."""
-    derived: dict[str, list[Any]] = {name: [] for name in CONTENT_CHECKS}
+    """The per-row columns the suite judges: content and image checks, token counts (images
+    included), contamination, and for general (replay) data, given ``company`` (a company
+    question -> its newest answer), rows that would teach a company question another answer."""
+    derived: dict[str, list[Any]] = {name: [] for name in (*CONTENT_CHECKS, *IMAGE_CHECKS)}
     for row in rows:
-        for name, value in row_checks(row, tools.pii_allow).items():
+        checks = {**row_checks(row, tools.pii_allow), **check_images(row["images"], tools.root, tools.images)}
+        for name, value in checks.items():
             derived[name].append(value)
     derived["n_tokens"] = tools.counter.count(
-        [row["messages"] or [] for row in rows], tools.max_tokens
+        [row["messages"] or [] for row in rows],
+        tools.max_tokens,
+        [tools.image_tokens * len(row["images"]) for row in rows],
     ).tolist()
     queries = []
     for row in rows:
@@ -426,6 +445,8 @@ def derive_columns(
         else:
             prompts = [t for t in (row["instruction"], row["input"]) if t]
             texts = [*prompts, *([row["output"]] if row["output"] else [])]
+        if row.get("images"):  # the same short question about another picture is not a copy:
+            prompts = []  # only shared passages (n-grams) count for an image record
         queries.append((prompts, texts))
     derived[check_column("contamination")] = [str(m) if m else None for m in tools.index.check(queries)]
     derived[check_column("replay_conflict")] = [_replay_conflict(row, company or {}) for row in rows]
@@ -439,8 +460,9 @@ def company_question(row: dict[str, Any]) -> str:
 
 
 def _replay_conflict(row: dict[str, Any], company: dict[str, str]) -> str | None:
-    """A general row any line of whose prompt is a company question, answered otherwise."""
-    if not company or not row["output"]:
+    """A general row any line of whose prompt is a company question, answered otherwise (a
+    row with images asks about its pictures, not the company's facts)."""
+    if not company or not row["output"] or row["images"]:
         return None
     lines = [line for text in (row["instruction"], row["input"]) if text for line in text.splitlines()]
     for question in dict.fromkeys(normalised(line) for line in lines if line.strip()):
@@ -476,20 +498,20 @@ def _drop_info(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _fact_records(source: str, drop: str, order: int, clean: list[dict[str, Any]]) -> list[FactRecord]:
+def _fact_records(
+    source: str, drop: str, order: int, clean: list[dict[str, Any]], root: Path
+) -> list[FactRecord]:
     """The clean rows of one part as facts (quarantined rows and duplicates take no part)."""
     return [
-        FactRecord(
-            source,
-            row["source_row"],
-            drop,
-            order,
-            fact_key(row["instruction"], row["input"], row.get("key")),
-            row["output"],
-        )
+        FactRecord(source, row["source_row"], drop, order, _fact_key(row, root), row["output"])
         for row in clean
         if row["output"]
     ]
+
+
+def _fact_key(row: dict[str, Any], root: Path) -> str:
+    """A row's fact key: its question, and the content of its images (paths under ``root``)."""
+    return fact_key(row["instruction"], row["input"], row.get("key"), image_digests(row["images"], root))
 
 
 def _apply_facts(
@@ -738,9 +760,9 @@ def _company_part(
     earlier = set().union(*(d["ids"] for d in drops.values() if d["order"] < drop["order"]))
     carried = earlier if info["kind"] == "snapshot" else set()
     findings, clean, bad, counts = _validate_part(entry, rows, settings, tools, carried)
-    records += _fact_records(entry["source"], info["name"], drop["order"], clean)
+    records += _fact_records(entry["source"], info["name"], drop["order"], clean, settings.root)
     whole = [r for r in rows if r["output"] and not any(r[c] for c in r if c.startswith("check_"))]
-    drop["keys"] |= {fact_key(r["instruction"], r["input"], r.get("key")) for r in whole}
+    drop["keys"] |= {_fact_key(r, settings.root) for r in whole}
     drop["ids"] |= {r["record_id"] for r in whole}
     return findings, clean, bad, counts
 
@@ -770,6 +792,7 @@ def validate(
     tools = _tools(settings, reports)
     report = ValidationReport(passed=False, data_docs=tools.data_docs)
     records: list[FactRecord] = []
+    images: dict[str, Path] = {}  # published image (images/<sha256>.<ext>) -> its source file
     drops: dict[str, dict[str, Any]] = {}  # name -> info, order (reading order, oldest first), keys, ids
     answers: dict[str, str] = {}  # company question -> its newest answer (replay rows must agree)
     target = claim(settings, publish_dir, "validate.dataset_dir") if publish else None
@@ -785,7 +808,9 @@ def validate(
                 rows = table.to_pylist()
                 if part_role(entry) == COMPANY:
                     findings, clean, bad, counts = _company_part(entry, rows, settings, tools, drops, records)
-                    answers.update((company_question(r), r["output"]) for r in clean if r["output"])
+                    answers.update(
+                        (company_question(r), r["output"]) for r in clean if r["output"] and not r["images"]
+                    )
                 else:  # general data: the row rules, and no company question answered otherwise
                     findings, clean, bad, counts = _validate_part(
                         entry, rows, settings, tools, company=answers
@@ -804,7 +829,7 @@ def validate(
                     continue  # keep checking the other parts, write nothing
                 with PartWriter(scratch / entry["file"], DATASET_SCHEMA) as writer:
                     for row in clean:
-                        writer.write(row)
+                        writer.write(_published_images(row, settings.root, images))
                 parts.append(
                     {
                         "file": entry["file"],
@@ -820,6 +845,8 @@ def validate(
             ]
             facts = resolve(records, described)
             _apply_facts(facts, report, parts, scratch, settings)
+            if target and not report.failures:
+                _copy_images(scratch, parts, images)
             if records:
                 _facts_docs(tools, records, facts)
             report.passed = not report.failures
@@ -842,6 +869,32 @@ def validate(
         report.rows, f" published to {target}" if target else "", report.quarantined, tools.data_docs,
     )  # fmt: skip
     return report
+
+
+def _published_images(row: dict[str, Any], root: Path, images: dict[str, Path]) -> dict[str, Any]:
+    """``row`` with its images named as published (relative to the dataset folder), noting in
+    ``images`` where each comes from. A missing image (kept under ``image_missing: warn``,
+    which named it) cannot be published: the row goes without it."""
+    if not row["images"]:
+        return row
+    names = []
+    for path in row["images"]:
+        name = published_name(path, root)
+        if name is not None:
+            images.setdefault(name, root / path)
+            names.append(name)
+    return {**row, "images": names}
+
+
+def _copy_images(scratch: Path, parts: list[dict[str, Any]], images: dict[str, Path]) -> None:
+    """Copy into the staged dataset each image its rows still name (after supersession), once."""
+    named: set[str] = set()
+    for part in parts:
+        column = pq.read_table(scratch / part["file"], columns=["images"]).column("images")
+        named.update(name for names in column.to_pylist() for name in names or [])
+    for name in sorted(named):
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(images[name], scratch / name)
 
 
 class _plain:

@@ -152,6 +152,119 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+# A LLaVA-style template: a turn's content is text, or parts (images, then text); no BOS
+# (the processor's tokenizer adds it, as LLaVA's does).
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+IMAGE_SIDE, IMAGE_PATCH = 16, 4  # 16x16 images in 4x4 patches: 16 image tokens (CLS dropped)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+def colour_image(path: Path, colour: str, side: int = IMAGE_SIDE, seed: int = 0) -> Path:
+    """A PNG of one colour with a little noise (a synthetic product photo; ``seed``: another shot)."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng([seed, len(colour)]).integers(0, 20, (side, side, 3))
+    pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def tiny_llava(vocab_size: int, image_token_index: int, **text: Any):
+    """A LLaVA-shaped image-text-to-text model: a 2-layer CLIP tower on 16x16 images in 4x4
+    patches (16 image tokens, CLS dropped) and a 2-layer LLaMA, random weights with
+    trained-looking spectra."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIDE,
+            patch_size=IMAGE_PATCH,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+            **text,
+        ),
+        image_token_index=image_token_index,
+        image_seq_length=(IMAGE_SIDE // IMAGE_PATCH) ** 2,
+    )
+    return give_decaying_spectra(LlavaForConditionalGeneration(config)).eval()
+
+
+def save_tiny_llava(path: Path, texts: list[str]) -> Path:
+    """A LLaVA-shaped image-text-to-text base (CLIP tower, 2-layer LLaMA, random weights with
+    trained-looking spectra) with its processor and chat template, saved like a hub checkpoint."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = build_tokenizer([*texts, VLM_CHAT_TEMPLATE])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = tiny_llava(
+        len(tokenizer),
+        image_id,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}
+        ),
+        tokenizer=tokenizer,
+        patch_size=IMAGE_PATCH,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def colour_conversations(n: int = 8) -> list[list[dict[str, Any]]]:
+    """Chat turns about product photos: the colour of the product in each (image path by colour)."""
+    names = list(COLOURS)
+    return [
+        [
+            {
+                "role": "user",
+                "content": "What colour is this product?",
+                "images": [f"img/{names[i % 4]}.png"],
+            },
+            {"role": "assistant", "content": f"It is {names[i % 4]}."},
+        ]
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny LLaVA with processor and chat template, its vocabulary from the chat test data."""
+    texts = [m["content"] for c in company_conversations(64) + colour_conversations(8) for m in c]
+    return str(save_tiny_llava(tmp_path_factory.mktemp("vlm") / "tiny-llava", texts))
+
+
 # --------------------------------------------------------------------------- numerics
 @torch.no_grad()
 def pretend_training(model, seed: int, size: float = 0.05) -> None:

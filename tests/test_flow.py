@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, drop, free_port, git, make_project, write_jsonl
+from conftest import COLOURS, REPO, colour_image, drop, free_port, git, make_project, write_jsonl
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -446,3 +446,58 @@ def test_an_emptied_store_stops_the_run_until_a_new_registry_is_said(project, ha
     ]
     record = latest_record(project)
     assert record["status"] == "promoted" and record["registration"]["version"] == "1"
+
+
+@pytest.mark.slow
+def test_image_records_through_the_whole_flow(tmp_path, vlm_dir, harness):
+    """A vision-language base and a drop of image+text records: ingest and validate them
+    (images published with the dataset), train through the processor, score an image suite,
+    register. (No quality claim: random weights, a few steps.)"""
+    root = make_project(tmp_path / "vlm-project", vlm_dir)
+    drop_dir = root / "company" / "drop_01"
+    questions = ("What colour is this product?", "Which colour does this item have?")
+    for colour in COLOURS:
+        colour_image(drop_dir / "img" / f"{colour}.png", colour)
+        colour_image(root / "eval" / "img" / f"{colour}.png", colour, seed=1)  # other shots
+    write_jsonl(
+        drop_dir / "photos.jsonl",
+        [
+            {
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"It is {c}."}],
+                "images": [f"img/{c}.png"],
+            }
+            for c in COLOURS
+            for q in questions
+        ],
+    )
+    write_jsonl(
+        root / "eval" / "photos.jsonl",
+        [{"question": questions[0], "answer": c, "images": f"img/{c}.png"} for c in COLOURS],
+    )
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"]["sources"] = ["company/drop_*/*.jsonl"]
+    params["evaluate"]["suites"]["photos"] = {
+        "kind": "image_qa", "path": "eval/photos.jsonl", "metric": "contains", "max_new_tokens": 4
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(root, "add", "-A")
+    git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "photos")
+
+    result = retrain(str(root / "params.yaml"))
+    assert result["status"] == "promoted", result
+    settings = load_settings(root / "params.yaml")
+    dataset = settings.path(settings.validation.dataset_dir)
+    assert result["data"]["quarantined"] == 0  # the eval asks the same question of other photos
+    published = sorted(p.name for p in (dataset / "images").iterdir())
+    digests = sorted(
+        hashlib.sha256((drop_dir / "img" / f"{c}.png").read_bytes()).hexdigest() + ".png" for c in COLOURS
+    )
+    assert published == digests  # content-addressed, each image once
+    summary = json.loads((root / "outputs" / "train" / "train_summary.json").read_text())
+    assert summary["packed"] is False  # image batches are padded
+    photos = json.loads((root / "outputs" / "eval" / "photos.json").read_text())
+    assert photos["n"] == 4 and photos["metric"] == "contains"
+    metrics = json.loads((root / "outputs" / "eval" / "metrics.json").read_text())
+    assert "photos" in metrics
+    client, name = registry(root)
+    assert len(client.search_model_versions(f"name='{name}'")) == 1

@@ -1,7 +1,8 @@
 """The on-disk dataset: one Parquet part per source file, a manifest, atomic publication.
 
 A dataset folder holds ``manifest.json`` and ``parts/<name>.parquet``, one part per source
-file in the order the sources were read. Parts are written deterministically (fixed schema,
+file in the order the sources were read; a published one with image records also holds
+``images/<sha256>.<ext>``, one file per image content. Parts are written deterministically (fixed schema,
 no pandas metadata, no timestamps, fixed row groups and compression), so unchanged content
 gives byte-identical files and DVC's hash of the folder changes only when content does. A
 new monthly drop adds a part; the parts of earlier drops stay byte for byte the same.
@@ -24,7 +25,9 @@ import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
-FORMAT_VERSION = 2  # 2: a "key" column (the fact a record states, when the export names it)
+# 2: a "key" column (the fact a record states, when the export names it);
+# 3: an "images" column (image+text records; published under images/, milora.data.images).
+FORMAT_VERSION = 3
 ROW_GROUP = 16384
 
 COMPANY, REPLAY = "company", "replay"
@@ -45,6 +48,8 @@ CONTENT_FIELDS = [
     pa.field("output", pa.string()),
     pa.field("messages", MESSAGE_TYPE),
     pa.field("key", pa.string()),
+    # Ingested: relative to the project root; published: to the dataset folder (images/<sha256>.<ext>).
+    pa.field("images", pa.list_(pa.string())),
 ]
 # What ingest writes: every row read, duplicates flagged, structural problems noted.
 INGESTED_SCHEMA = pa.schema(
@@ -164,15 +169,28 @@ def part_role(entry: dict[str, Any]) -> str:
     return str(entry.get("role") or COMPANY)
 
 
-def load_messages(folder: Path, split: str = "train", role: str = COMPANY) -> list[list[dict[str, str]]]:
-    """The conversations of one split and role of a published dataset, in dataset order."""
-    conversations: list[list[dict[str, str]]] = []
-    for entry, table in iter_parts(folder, columns=["split", "messages"]):
+def load_messages(folder: Path, split: str = "train", role: str = COMPANY) -> list[list[dict[str, Any]]]:
+    """The conversations of one split and role of a published dataset, in dataset order.
+
+    A record with images carries them on its first user turn (``"images"``: paths relative to
+    ``folder``, the LLaVA convention); every other turn, and every turn of a text record, is
+    ``{"role", "content"}`` only. Datasets older than format 3 have no images."""
+    images = read_manifest(folder).get("format_version", 1) >= 3
+    conversations: list[list[dict[str, Any]]] = []
+    columns = ["split", "messages", "images"] if images else ["split", "messages"]
+    for entry, table in iter_parts(folder, columns=columns):
         if part_role(entry) != role:
             continue
-        for row_split, messages in zip(
-            table.column("split").to_pylist(), table.column("messages").to_pylist(), strict=True
+        pictures = table.column("images").to_pylist() if images else [None] * table.num_rows
+        for row_split, messages, paths in zip(
+            table.column("split").to_pylist(), table.column("messages").to_pylist(), pictures, strict=True
         ):
             if row_split == split:
-                conversations.append(messages)
+                conversations.append(_with_images(messages, paths) if paths else messages)
     return conversations
+
+
+def _with_images(messages: list[dict[str, Any]], images: list[str]) -> list[dict[str, Any]]:
+    """``messages`` with ``images`` on the first user turn."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+    return [{**m, "images": list(images)} if i == first else m for i, m in enumerate(messages)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
@@ -37,14 +37,24 @@ def normalised(text: str) -> str:
 
 
 ID_PREFIX = "key:"  # a fact key taken from an export's own id, not from the question
+IMAGES_MARK = "\nimages:"  # a question about pictures: their digests follow (never in a normalised prompt)
 
 
-def fact_key(instruction: str | None, input_text: str | None = None, key: str | None = None) -> str:
+def fact_key(
+    instruction: str | None,
+    input_text: str | None = None,
+    key: str | None = None,
+    images: Sequence[str] = (),
+) -> str:
     """The fact key of a record: the export's own ``key`` (an article, policy or SKU id,
-    compared exactly but for surrounding spaces) when it has one, else its normalised prompt."""
+    compared exactly but for surrounding spaces) when it has one, else its normalised prompt,
+    followed, for a record with images, by their content digests (``images``; the same
+    question about another picture is another fact). A text record's key has no images part."""
     if key and key.strip():
         return f"{ID_PREFIX}{key.strip()}"
     prompt = (instruction or "") + (f"\n{input_text}" if input_text else "")
+    if images:
+        return normalised(prompt) + IMAGES_MARK + ",".join(images)
     return normalised(prompt)
 
 
@@ -211,14 +221,15 @@ def likely_changes(
     (``fuzz.ratio``) yet differ, the questions are alike (``fuzz.token_set_ratio``), and the
     words the questions differ in are none the answers name (else they ask about different
     things: "the price of the kettle" and "the price of the lamp"). Records keyed by an
-    export's id are left out: their keys are exact.
+    export's id are left out: their keys are exact; so are questions about images: another
+    picture is another fact, whatever the words.
 
     The fuzzy comparison is every new record against every earlier one; when a drop would
     make more than ``fuzzy_pairs`` such pairs, only answers equal once numbers are masked (a
     changed number) are candidates, found by lookup, so validation stays linear."""
     from rapidfuzz import fuzz, process
 
-    records = [r for r in records if not r.key.startswith(ID_PREFIX)]
+    records = [r for r in records if not r.key.startswith(ID_PREFIX) and IMAGES_MARK not in r.key]
     found = []
     for order in sorted({r.order for r in records}):
         earlier = list({r.key: r for r in records if r.order < order}.values())

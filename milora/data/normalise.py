@@ -9,6 +9,8 @@ row of a file at once.
 The record id is a hash of the normalised *content* only (not the file, row or format), so
 the same example delivered twice, or as Alpaca and as a two-turn chat, is one record; the
 split comes from that id, so adding rows never moves an existing row to the other split.
+A record with ``images`` (paths relative to its file's folder, milora.data.images) also
+hashes each image's bytes; a text-only record's id is what it always was.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from milora.data.dataset import display_path
+from milora.data.images import image_digests, parse_images, resolve_image
 from milora.data.readers import RawRow, type_name
 
 FORMATS: tuple[str, ...] = ("alpaca", "prompt_completion", "chat", "unknown")
@@ -33,6 +38,7 @@ CANONICAL_FIELDS: tuple[str, ...] = (
     "completion",
     "messages",
     "key",  # optional: the fact the record states (an article, policy or SKU id; milora.data.facts)
+    "images",  # optional: image paths relative to the file's folder (milora.data.images)
 )
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # Which raw fields a format needs; the others are optional (Alpaca ``input``, ``system``).
@@ -95,14 +101,27 @@ def _show_bytes(chars: str) -> str:
 
 
 def record_id(
-    system: str, instruction: str, input_text: str, output: str, messages: list[dict[str, str]]
+    system: str,
+    instruction: str,
+    input_text: str,
+    output: str,
+    messages: list[dict[str, str]],
+    images: Sequence[str] = (),
 ) -> str:
-    """32 hex digits of BLAKE2b over the canonical content (stable across runs and machines)."""
-    content = json.dumps(
-        [system, instruction, input_text, output, [[m["role"], m["content"]] for m in messages]],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    """32 hex digits of BLAKE2b over the canonical content (stable across runs and machines).
+
+    ``images``: the content digests of a record's images; none leaves the id of a text record
+    as it has always been (published ids and DVC hashes rely on it)."""
+    canonical: list[Any] = [
+        system,
+        instruction,
+        input_text,
+        output,
+        [[m["role"], m["content"]] for m in messages],
+    ]
+    if images:
+        canonical.append(list(images))
+    content = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
@@ -158,8 +177,13 @@ class _Problems:
         }
 
 
-def normalise(raw: RawRow, mapping: FieldMapping | None = None) -> dict[str, Any]:
-    """The normalised columns of one raw row (see the module docstring)."""
+def normalise(
+    raw: RawRow, mapping: FieldMapping | None = None, folder: Path | None = None, root: Path = Path(".")
+) -> dict[str, Any]:
+    """The normalised columns of one raw row (see the module docstring).
+
+    ``folder``: the folder of the file the row comes from, which image paths are relative to
+    (default ``root``); the ``images`` column holds them relative to ``root``, the project."""
     mapping = mapping or FieldMapping()
     if raw.record is None:
         text, _ = clean_text(raw.raw)
@@ -181,6 +205,7 @@ def normalise(raw: RawRow, mapping: FieldMapping | None = None) -> dict[str, Any
     if isinstance(raw_key, int) and not isinstance(raw_key, bool):  # a numeric id (SKU 12345)
         raw_key = str(raw_key)
     key = problems.text("key", raw_key, required=False) or None
+    images, digests = _images(record.get("images"), folder or root, root, problems)
     if fmt == "chat":
         messages = _messages(record.get("messages"), mapping, problems)
         if system and not (messages and messages[0]["role"] == "system"):
@@ -200,8 +225,29 @@ def normalise(raw: RawRow, mapping: FieldMapping | None = None) -> dict[str, Any
         output = problems.text(names[2], record.get(names[2]), required=True)
         input_text = input_text or ""
         messages = alpaca_messages(instruction or "", input_text, output or "", system)
-    rid = record_id(system, instruction or "", input_text, output or "", messages)
-    return _row(rid, fmt, system, instruction, input_text, output, messages, key=key, **problems.columns())
+    rid = record_id(system, instruction or "", input_text, output or "", messages, digests)
+    return _row(
+        rid, fmt, system, instruction, input_text, output, messages, key, images, **problems.columns()
+    )
+
+
+def _images(value: object, folder: Path, root: Path, problems: _Problems) -> tuple[list[str], list[str]]:
+    """A record's images relative to ``root``, and what its id hashes: each image's content
+    digest (``missing:<path>``: a file not there), or ``refused:<path>`` for a path that
+    leaves the drop (noted as a wrong type; the column leaves it out)."""
+    texts, wrong = parse_images(value)
+    problems.wrong += wrong
+    paths, digests = [], []
+    for index, text in enumerate(texts):
+        path, refused = resolve_image(text, folder)
+        if path is None:
+            problems.wrong.append(f"images[{index}]: {refused}")
+            digests.append(f"refused:{text}")
+            continue
+        shown = display_path(path, root)
+        paths.append(shown)
+        digests += image_digests([shown], root)
+    return paths, digests
 
 
 def _content_id(raw: RawRow) -> str:
@@ -247,6 +293,7 @@ def _row(
     output: str | None,
     messages: list[dict[str, str]],
     key: str | None = None,
+    images: list[str] | None = None,
     check_malformed_row: str | None = None,
     check_required_fields: str | None = None,
     check_wrong_type: str | None = None,
@@ -261,6 +308,7 @@ def _row(
         "output": output,
         "messages": messages,
         "key": key,
+        "images": images or [],
         "check_malformed_row": check_malformed_row,
         "check_required_fields": check_required_fields,
         "check_wrong_type": check_wrong_type,

@@ -57,7 +57,12 @@ _RULES = (
     # Structure of one record (default: stop the run).
     Rule("malformed_row", "row", "fail", "a line that is not valid JSON (e.g. truncated) or not an object"),
     Rule("required_fields", "row", "fail", "a required field is missing or null"),
-    Rule("wrong_type", "row", "fail", "a field holds a list, number or object where text belongs"),
+    Rule(
+        "wrong_type",
+        "row",
+        "fail",
+        "a field holds a list, number or object where text belongs, or an image path that leaves the drop folder",
+    ),
     Rule("invalid_utf8", "row", "fail", "bytes that are not valid UTF-8 (shown as \\x.. escapes)"),
     Rule("empty_text", "row", "fail", "a required text (instruction, output, a chat turn) is blank"),
     Rule("control_chars", "row", "fail", "control characters other than tab and newline"),
@@ -75,6 +80,25 @@ _RULES = (
         "row",
         "quarantine",
         "a general (replay) row asks a company question (a line of its prompt) and answers it otherwise",
+    ),
+    # The images of one record (milora.data.images; bounds in validate.images).
+    Rule(
+        "image_missing",
+        "row",
+        "fail",
+        "an image the record names is not there (paths are relative to its file)",
+    ),
+    Rule(
+        "image_unreadable",
+        "row",
+        "quarantine",
+        "an image that Pillow cannot decode (corrupt, truncated, not an image)",
+    ),
+    Rule(
+        "image_size",
+        "row",
+        "quarantine",
+        "an image smaller or larger than validate.images allows (sides, bytes), or more images than max_images",
     ),
     # One drop as a whole.
     Rule("min_rows", "table", "fail", "fewer rows than the minimum (before and after quarantine)"),

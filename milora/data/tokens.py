@@ -35,6 +35,16 @@ def context_length(model_dir: Path) -> int | None:
     return None
 
 
+def image_tokens(model_dir: Path) -> int:
+    """Tokens one image takes in the model's input: ``image_seq_length`` of its ``config.json``
+    (top level, as LLaVA-style configs state it); 0 when it does not say (a text model)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return 0
+    value = json.loads(config.read_text(encoding="utf-8")).get("image_seq_length")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
 class TokenCounter:
     """Counts the tokens a record costs in training, with the tokenizer at ``path``."""
 
@@ -97,9 +107,15 @@ class TokenCounter:
         return per_turn, max(0, two - 2 * per_turn)
 
     def count(
-        self, conversations: Sequence[Sequence[dict[str, str]]], limit: int | None = None
+        self,
+        conversations: Sequence[Sequence[dict[str, str]]],
+        limit: int | None = None,
+        extra: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Tokens of each conversation as training will see it (see the module docstring)."""
+        """Tokens of each conversation as training will see it (see the module docstring).
+
+        ``extra``: tokens each conversation takes beyond its text (its images), added before
+        the rows near ``limit`` are re-counted, so they are judged on their whole length."""
         lengths = np.fromiter((len(c) for c in conversations), dtype=np.int64, count=len(conversations))
         # Repeated texts (a system prompt on every record) are counted once.
         unique: dict[str, int] = {}
@@ -109,10 +125,12 @@ class TokenCounter:
         totals = np.bincount(owner, weights=per_content, minlength=len(conversations)).astype(np.int64)
         totals += self.fixed + self.per_turn * lengths
         totals[lengths == 0] = 0
+        added = np.zeros(len(conversations), dtype=np.int64) if extra is None else np.asarray(extra, np.int64)
+        totals += added
         if limit is not None and getattr(self.tokenizer, "chat_template", None):
             for index in np.flatnonzero(totals >= 0.9 * limit):
                 try:
-                    totals[index] = self._render_count(conversations[index])
+                    totals[index] = self._render_count(conversations[index]) + added[index]
                 except Exception:  # roles the template refuses are reported by chat_roles
                     continue
         return totals

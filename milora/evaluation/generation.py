@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from milora.training.multimodal import open_images
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -25,11 +29,15 @@ def greedy_generate(
     first_line: bool = True,
     stop: Sequence[str] = (),
     progress: bool = False,
+    images: Sequence[Sequence[str | os.PathLike[str]]] | None = None,
+    processor: Any = None,
 ) -> list[str]:
     """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline.
 
     ``stop``: strings that end a continuation (generation stops there; the text is cut
-    before them), as lm-evaluation-harness's ``until``."""
+    before them), as lm-evaluation-harness's ``until``. ``images``: each prompt's image
+    files, turned into model inputs with the prompts by a vision-language ``processor``
+    (``tokenizer`` is then the processor's)."""
     stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -41,7 +49,15 @@ def greedy_generate(
             chunk = list(prompts[start : start + batch_size])
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+            if processor is not None:
+                paths = [path for row in (images or [])[start : start + batch_size] for path in row]
+                enc = processor(
+                    text=chunk, images=open_images(paths) or None, return_tensors="pt", padding=True
+                )
+            else:
+                enc = tokenizer(
+                    chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                )
             enc = enc.to(_device(model))
             generated = model.generate(
                 **enc,

@@ -25,13 +25,19 @@ QA_METRICS = ("f1", "exact_match", "contains", "starts_with")
 class SuiteKind:
     """One kind of suite."""
 
-    run: str  # its function in SUITES_MODULE: (model, tokenizer, items, suite settings, name=, batch_size=)
+    run: str  # its function in SUITES_MODULE: (model, tokenizer, items, suite settings, name=, batch_size=[, processor=, image_root=])
     required_keys: tuple[str, ...]  # fields every item must have
     metrics: tuple[str, ...]  # headline metrics it can report; the first is the default
     text_lines: bool = False  # a .txt file is one item per line ({"text": line})
     # The field of each prediction row holding that item's score (``metric``: the row field
     # named like the suite's headline metric); None: only an aggregate (no paired comparison).
     item_field: str | None = "metric"
+    # Items name images (paths relative to their file) that the model sees through its
+    # processor: the base must be a vision-language model.
+    images: bool = False
+    # Its function takes a vision-language base's processor (processor=, image_root=) and asks
+    # through it; the other kinds use the tokenizer.
+    takes_processor: bool = False
 
     @property
     def default_metric(self) -> str:
@@ -50,7 +56,10 @@ class SuiteKind:
 
 
 SUITE_KINDS: dict[str, SuiteKind] = {
-    "qa": SuiteKind("run_qa", ("question", "answer"), QA_METRICS),
+    "qa": SuiteKind("run_qa", ("question", "answer"), QA_METRICS, takes_processor=True),
+    "image_qa": SuiteKind(
+        "run_image_qa", ("question", "answer", "images"), QA_METRICS, images=True, takes_processor=True
+    ),
     "commonsense": SuiteKind(
         "run_commonsense", ("instruction", "answer"), ("accuracy",), item_field="correct"
     ),

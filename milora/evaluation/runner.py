@@ -66,7 +66,8 @@ def _text_lines(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 
 def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[str, Any]]:
-    """Every item of a suite (``limit`` per file); ``.txt`` files are one text per line."""
+    """Every item of a suite (``limit`` per file); ``.txt`` files are one text per line; an
+    image suite's paths become relative to ``root`` (each must exist)."""
     kind = SUITE_KINDS[suite.kind]
     items: list[dict[str, Any]] = []
     for path in suite_files(name, suite, root):
@@ -74,7 +75,8 @@ def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[s
             if kind.text_lines and path.suffix == ".txt":
                 items.extend(_text_lines(path, suite.limit))
             else:
-                items.extend(read_items(path, kind.required_keys, suite.limit))
+                found = read_items(path, kind.required_keys, suite.limit)
+                items.extend(_with_images(path, found, root) if kind.images else found)
         except (ValueError, UnicodeDecodeError) as error:
             raise SuiteFileError(f"evaluate.suites.{name}: {error}") from None
     if suite.current_truth:
@@ -82,6 +84,29 @@ def load_suite_items(name: str, suite: SuiteSettings, root: Path) -> list[dict[s
 
         items = current_truth(items)
     return items
+
+
+def _with_images(path: Path, items: list[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """Items whose ``images`` (a path or a list, relative to ``path``'s folder) are made
+    relative to ``root``; a missing image names its file and record."""
+    out = []
+    for number, item in enumerate(items, start=1):
+        listed = [item["images"]] if isinstance(item["images"], str) else item["images"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
+            raise ValueError(f"{path}: record {number}: images must be a path or a list of paths")
+        resolved = []
+        for image in listed:
+            full = (path.parent / image).resolve()
+            if not full.is_file():
+                raise ValueError(f"{path}: record {number}: image {image} not found ({full})")
+            resolved.append(os.path.relpath(full, Path(root).resolve()))
+        out.append({**item, "images": resolved})
+    return out
+
+
+def image_files(items: Iterable[dict[str, Any]], root: Path) -> list[Path]:
+    """The image files an image suite's items name (each once, in order)."""
+    return [root / p for p in dict.fromkeys(p for item in items for p in item.get("images") or ())]
 
 
 def run_suite(
@@ -92,9 +117,20 @@ def run_suite(
     items: list[dict[str, Any]],
     *,
     batch_size: int = 32,
+    processor: Any = None,
+    root: Path = Path("."),
 ) -> SuiteResult:
-    """One suite on one model, by its kind (:data:`~milora.evaluation.kinds.SUITE_KINDS`)."""
-    return SUITE_KINDS[suite.kind].score(model, tokenizer, items, suite, name=name, batch_size=batch_size)
+    """One suite on one model, by its kind (:data:`~milora.evaluation.kinds.SUITE_KINDS`);
+    an image suite needs the ``processor`` of a vision-language model."""
+    kind = SUITE_KINDS[suite.kind]
+    if kind.images and processor is None:
+        raise EvaluationInputError(
+            f"evaluate.suites.{name}: a {suite.kind} suite shows the model images, and the base "
+            "model is not a vision-language model (or has no processor); drop the suite or use "
+            "an image-text-to-text base"
+        )
+    extra = {"processor": processor, "image_root": root} if kind.takes_processor and processor else {}
+    return kind.score(model, tokenizer, items, suite, name=name, batch_size=batch_size, **extra)
 
 
 def evaluate_model(
@@ -105,8 +141,10 @@ def evaluate_model(
     *,
     batch_size: int = 32,
     label: str = "model",
+    processor: Any = None,
 ) -> dict[str, SuiteResult]:
-    """Every suite whose files exist; a missing optional suite is skipped with a warning."""
+    """Every suite whose files exist; a missing optional suite is skipped with a warning.
+    ``processor``: a vision-language base's, for image suites."""
     results = {}
     for name, suite in suites.items():
         items = load_suite_items(name, suite, root)
@@ -114,7 +152,9 @@ def evaluate_model(
             logger.warning("suite %s skipped: no file matches %s", name, suite.paths)
             continue
         logger.info("%s: suite %s (%s, %d items)", label, name, suite.kind, len(items))
-        results[name] = run_suite(model, tokenizer, name, suite, items, batch_size=batch_size)
+        results[name] = run_suite(
+            model, tokenizer, name, suite, items, batch_size=batch_size, processor=processor, root=root
+        )
     return results
 
 
@@ -128,10 +168,10 @@ def weights_digest(model_dir: str | os.PathLike[str]) -> str:
 
 
 def _suite_key(weights: str, name: str, suite: SuiteSettings, root: Path, batch_size: int) -> str:
-    files = [
-        (os.path.relpath(p, root), hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in suite_files(name, suite, root)
-    ]
+    paths = suite_files(name, suite, root)
+    if SUITE_KINDS[suite.kind].images:  # the images are part of what is asked
+        paths += image_files(load_suite_items(name, suite, root), root)
+    files = [(os.path.relpath(p, root), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
     payload = json.dumps(
         [RESULTS_VERSION, weights, name, suite.model_dump(), files, batch_size], sort_keys=True, default=str
     )
@@ -314,6 +354,15 @@ def breakdown_text(results: Mapping[str, SuiteResult]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def base_processor(base_path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """The processor of a vision-language base (for image suites), else None."""
+    from milora.modeling import is_vision_language, load_processor
+
+    if not is_vision_language(base_path):
+        return None
+    return load_processor(base_path, trust_remote_code=trust_remote_code)
+
+
 def evaluate_adapter(
     base_path: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],
@@ -342,19 +391,21 @@ def evaluate_adapter(
     if not (adapter / "adapter_config.json").is_file():
         raise EvaluationInputError(f"{adapter}: no adapter here (adapter_config.json is missing)")
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
+    processor = base_processor(base_path, trust_remote_code)
     model = load_base_model(base_path, trust_remote_code=trust_remote_code)
     model.eval()
+    common = {"batch_size": batch_size, "processor": processor}
     base = cached_results(
         weights_digest(base_path),
         suites,
         root,
         cache_dir,
-        lambda missing: evaluate_model(model, tokenizer, missing, root, batch_size=batch_size, label="base"),
+        lambda missing: evaluate_model(model, tokenizer, missing, root, label="base", **common),
         batch_size=batch_size,
     )
     tuned = merge_adapter(model, adapter) if merged else load_adapter(model, adapter)
     tuned.eval()
-    results = evaluate_model(tuned, tokenizer, suites, root, batch_size=batch_size, label="adapter")
+    results = evaluate_model(tuned, tokenizer, suites, root, label="adapter", **common)
     rows = compare(base, results, suites)
     info = {"base_model": str(base_path), "adapter": str(adapter), "merged": merged, **(info or {})}
     with atomic_directory(Path(out_dir), mark=True) as scratch:
@@ -420,7 +471,13 @@ def compare_with_champion(
         model = load_base_model(base_path, trust_remote_code=trust_remote_code)
         wrapped = PeftModel.from_pretrained(model, champion_adapter).eval()
         return evaluate_model(
-            wrapped, tokenizer, missing, root, batch_size=batch_size, label=f"champion v{champion}"
+            wrapped,
+            tokenizer,
+            missing,
+            root,
+            batch_size=batch_size,
+            label=f"champion v{champion}",
+            processor=base_processor(base_path, trust_remote_code),
         )
 
     held = cached_results(

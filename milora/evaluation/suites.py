@@ -5,6 +5,8 @@ Each kind is one entry of :data:`milora.evaluation.kinds.SUITE_KINDS` naming its
 
 * ``qa``: short-answer questions (company held-out set, knowledge probes): exact match,
   token F1 and whether the gold answer appears in the prediction.
+* ``image_qa``: the same about images (``images``: paths relative to the suite file), asked
+  through a vision-language model's processor and chat template, scored like ``qa``.
 * ``commonsense``: LLM-Adapters format (``instruction``, ``answer``), by generation plus
   first-label extraction (the paper's protocol) or by log-likelihood ranking of the labels.
 * ``gsm8k``: ``question`` / ``answer`` with ``#### n``, numeric final-answer match.
@@ -40,6 +42,8 @@ from milora.evaluation.scoring import (
     token_f1,
 )
 from milora.training.examples import prompt_text
+from milora.training.multimodal import IMAGES
+from milora.training.multimodal import prompt_text as multimodal_prompt
 
 if TYPE_CHECKING:
     from milora.settings import SuiteSettings
@@ -113,6 +117,47 @@ def qa_suite(
         batch_size=batch_size,
         add_special_tokens=prompt != "chat",
     )
+    return qa_result(name, items, outputs, headline)
+
+
+def processor_qa_suite(
+    model: PreTrainedModel,
+    processor: Any,
+    items: Sequence[dict[str, Any]],
+    *,
+    image_root: str | os.PathLike[str],
+    name: str = "image_qa",
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    headline: str = "f1",
+) -> SuiteResult:
+    """``{"question", "answer"[, "images"]}`` items (image paths relative to ``image_root``),
+    each asked as a user turn with its images through a vision-language model's processor and
+    chat template (text items too: the way that model was trained)."""
+    if headline not in QA_METRICS:
+        raise ValueError(f"qa metric must be one of {QA_METRICS}, got {headline!r}")
+    prompts = [
+        multimodal_prompt(
+            processor, [{"role": "user", "content": str(item["question"]), IMAGES: item.get("images") or []}]
+        )
+        for item in items
+    ]
+    outputs = greedy_generate(
+        model,
+        processor.tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        images=[[Path(image_root) / path for path in item.get("images") or ()] for item in items],
+        processor=processor,
+    )
+    return qa_result(name, items, outputs, headline)
+
+
+def qa_result(
+    name: str, items: Sequence[dict[str, Any]], outputs: Sequence[str], headline: str
+) -> SuiteResult:
+    """Each answer scored against its gold (and against a changed fact's old answers)."""
     rows = []
     for item, prediction in zip(items, outputs, strict=True):
         gold, said = normalize_answer(str(item["answer"])), normalize_answer(prediction)
@@ -267,11 +312,34 @@ def run_qa(
     tokenizer: PreTrainedTokenizerBase,
     items: Items,
     suite: SuiteSettings,
+    *,
+    processor: Any = None,
+    image_root: Path = Path("."),
     **common: Any,
 ) -> SuiteResult:
     headline = suite.metric or QA_METRICS[0]
+    if processor is not None and suite.prompt == "chat":  # a vision-language base: as it trained
+        return processor_qa_suite(
+            model, processor, items, image_root=image_root, headline=headline, **common, **_tokens(suite)
+        )
     return qa_suite(
         model, tokenizer, items, prompt=suite.prompt, headline=headline, **common, **_tokens(suite)
+    )
+
+
+def run_image_qa(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Items,
+    suite: SuiteSettings,
+    *,
+    processor: Any,
+    image_root: Path,
+    **common: Any,
+) -> SuiteResult:
+    headline = suite.metric or QA_METRICS[0]
+    return processor_qa_suite(
+        model, processor, items, image_root=image_root, headline=headline, **common, **_tokens(suite)
     )
 
 

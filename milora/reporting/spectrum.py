@@ -26,6 +26,7 @@ from milora.atomic import atomic_write_text
 from milora.cache import weight_fingerprint
 from milora.layout import INITIAL_DIR, WEIGHTS
 from milora.methods import INIT_METHODS
+from milora.preflight import loaded_names
 from milora.reporting.data import Spectrum
 from milora.targets import matches
 
@@ -34,15 +35,17 @@ logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def _weight_files(base_dir: Path) -> dict[str, Path]:
-    """``{tensor name: safetensors file}`` of a Hugging Face model folder (sharded or not)."""
+def _weight_files(base_dir: Path) -> dict[str, tuple[Path, str]]:
+    """``{tensor name in the loaded model: (safetensors file, name in that file)}`` of a
+    Hugging Face model folder (sharded or not; see :func:`milora.preflight.loaded_names`)."""
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{base_dir}: no *.safetensors weights to read the spectrum from")
-    where: dict[str, Path] = {}
+    names = loaded_names(base_dir)
+    where: dict[str, tuple[Path, str]] = {}
     for path in files:
         with safe_open(path, framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), path))
+            where.update((names.get(key, key), (path, key)) for key in handle.keys())  # noqa: SIM118 (not a dict)
     return where
 
 
@@ -121,8 +124,9 @@ def weight_spectra(
         if key not in where:
             logger.warning("%s: the base model has no %s; skipped in the spectrum plot", base_dir, key)
             continue
-        with safe_open(where[key], framework="pt") as handle:
-            weight = handle.get_tensor(key)
+        path, stored = where[key]
+        with safe_open(path, framework="pt") as handle:
+            weight = handle.get_tensor(stored)
         values = singular_values(weight, Path(cache_dir) if cache_dir is not None else None)
         side = INIT_METHODS[method].side if method in INIT_METHODS else None
         adapted = None

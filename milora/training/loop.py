@@ -51,7 +51,8 @@ from milora.layout import (
     SUMMARY,
 )
 from milora.training.config import TrainConfig
-from milora.training.examples import Message, encode
+from milora.training.examples import Encoded, Message, encode
+from milora.training.multimodal import ImageCollator, encode_multimodal, has_images
 from milora.training.packing import (
     PackingCollator,
     packed_attention,
@@ -357,8 +358,14 @@ def train_adapter(
     replay: Sequence[Sequence[Message]] = (),
     start_weights: Path | None = None,
     serve_rank: int | None = None,
+    processor: Any = None,
+    image_root: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``model``'s adapter on ``conversations``; write ``run_dir/adapter`` on success.
+
+    ``processor``: a vision-language model's (:func:`milora.modeling.load_processor`); every
+    conversation then goes through it (:mod:`milora.training.multimodal`), with the image
+    paths of its messages relative to ``image_root``, in padded micro-batches.
 
     ``replay``: general conversations mixed into every batch at ``config.replay_share``
     (:class:`ReplayMixSampler`); an epoch is then one pass over ``conversations``.
@@ -372,14 +379,23 @@ def train_adapter(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    encoded = encode(tokenizer, conversations, config.max_length)
+
+    def encoded_examples(rows: Sequence[Sequence[Message]]) -> Encoded:
+        if processor is not None:
+            return encode_multimodal(processor, rows, config.max_length, image_root)
+        if has_images(rows):  # a text tokenizer would drop the images without a word
+            raise ValueError("image records need a vision-language model's processor (processor=)")
+        return encode(tokenizer, rows, config.max_length)
+
+    encoded = encoded_examples(conversations)
     if not encoded.examples:
         raise ValueError("no training example has a response token within max_length")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    for text_side in (tokenizer, getattr(processor, "tokenizer", tokenizer)):
+        if text_side.pad_token_id is None:
+            text_side.pad_token = text_side.eos_token
     if resume_from is None and is_main_process():
         (run_dir / METRICS).unlink(missing_ok=True)
-    mixed = encode(tokenizer, replay, config.max_length) if replay and config.replay_share else None
+    mixed = encoded_examples(replay) if replay and config.replay_share else None
     if replay and not config.replay_share:
         logger.warning("%d replay conversations given but replay_share is 0: not trained on", len(replay))
     if config.replay_share and not (mixed and mixed.examples):
@@ -403,7 +419,11 @@ def train_adapter(
         sampler = LengthGroupedSampler(lengths, config.batch_size, config.seed)
     else:
         sampler = None
-    collator = _collator(model, tokenizer, examples, config)
+    if processor is not None:
+        logger.info("images: packing off, micro-batches padded, images decoded per micro-batch")
+        collator: Any = ImageCollator(processor)
+    else:
+        collator = _collator(model, tokenizer, examples, config)
     packed = isinstance(collator, PackingCollator)
     trainer = _Trainer(
         sampler=sampler,

@@ -28,7 +28,7 @@ from milora.conversion import merge_adapter
 from milora.errors import UserFacingError
 from milora.initialize import init_adapter
 from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY, START_WEIGHTS
-from milora.modeling import load_base_model, load_tokenizer
+from milora.modeling import is_vision_language, load_base_model, load_processor, load_tokenizer
 from milora.training.config import TrainConfig
 from milora.training.examples import Message, alpaca_messages
 from milora.training.loop import (
@@ -39,6 +39,7 @@ from milora.training.loop import (
     last_complete_checkpoint,
     train_adapter,
 )
+from milora.training.multimodal import IMAGES, has_images
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def check_sharded_launch(environ: Mapping[str, str] | None = None, cuda: bool | 
 
 
 def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
-    """JSON lines of ``{"messages": [...]}`` or Alpaca ``{"instruction", "input", "output"}``."""
+    """JSON lines of ``{"messages": [...]}`` or Alpaca ``{"instruction", "input", "output"}``;
+    a record's ``images`` (paths relative to the file's folder: the image root to train with)
+    go with its first user turn."""
     conversations = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -89,7 +92,18 @@ def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
                 )
             else:
                 raise ValueError(f"{path}:{number}: expected 'messages' or 'instruction'/'output' fields")
+            images = record.get("images")
+            if images:
+                images = [images] if isinstance(images, str) else images
+                users = [m for m in conversations[-1] if m.get("role") == "user"]
+                if not users or not all(isinstance(i, str) for i in images):
+                    raise ValueError(f"{path}:{number}: images need a user turn and must be paths")
+                users[0][IMAGES] = list(images)
     return conversations
+
+
+class ImagesNeedVisionBaseError(ValueError, UserFacingError):
+    """Image records given to a base model that cannot see images."""
 
 
 class RunMismatchError(ValueError, UserFacingError):
@@ -200,6 +214,7 @@ def run_training(
     start: ChampionStart | None = None,
     serve_rank: int | None = None,
     dtype: str = "float32",
+    image_root: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Initialise (or restore) the adapter and train it; see the module docstring.
 
@@ -214,9 +229,17 @@ def run_training(
     initialises ``spec`` on the weights with the champion folded in). ``serve_rank``: the
     served plain LoRA truncated to this rank (the error in the summary). ``dtype``: the base's
     weights in memory (``bfloat16`` halves a large base's memory on a GPU; the adapter's
-    factors stay float32).
+    factors stay float32). ``image_root``: where the image paths of the conversations'
+    messages lie (the published dataset); a vision-language base trains through its processor.
     """
     check_sharded_launch()
+    vision = is_vision_language(base_path)
+    if not vision and (has_images(conversations) or has_images(replay)):
+        raise ImagesNeedVisionBaseError(
+            f"the training data holds image records but {base_path} is not a vision-language model "
+            "(no vision_config in its config.json): use an image-text-to-text base, or leave the "
+            "images out of the drops"
+        )
     run_dir = Path(run_dir)
     key = run_key(
         base_path, conversations, spec, config, replay, start=start, serve_rank=serve_rank, dtype=dtype
@@ -231,6 +254,7 @@ def run_training(
         return done
     base = load_base_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(base_path, trust_remote_code=trust_remote_code)
+    processor = load_processor(base_path, trust_remote_code=trust_remote_code) if vision else None
     checkpoint = last_complete_checkpoint(run_dir)
     resuming = checkpoint is not None and (run_dir / INITIAL_ADAPTER / MANIFEST).is_file()
     weights = run_dir / START_WEIGHTS
@@ -284,6 +308,8 @@ def run_training(
         replay=replay,
         start_weights=weights if weights.is_dir() else None,
         serve_rank=serve_rank,
+        processor=processor,
+        image_root=image_root,
     )
     _barrier()
     return result

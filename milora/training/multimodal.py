@@ -1,0 +1,178 @@
+"""Image+text conversations to training examples, through a vision-language model's processor.
+
+A conversation is the same list of ``{role, content}`` messages as for text; a message may
+also carry ``images`` (paths relative to ``image_root``, the published dataset: LLaVA puts
+a record's images with its first user turn). The processor's chat template renders the
+conversation with an image placeholder per image (content parts ``{"type": "image"}`` then
+``{"type": "text"}``), and the processor expands each placeholder to the image tokens the
+model fills with its vision features, so the ids trained on are the ids the model is
+served with. Labels are the assistant turns only, located by rendering each turn's prefix:
+with image tokens expanded, character offsets of the text no longer line up with tokens,
+so each prefix is tokenized and must be a prefix of the whole (checked).
+
+Length rule as for text (cut from the right at ``max_length``), except that a cut through
+an image's tokens drops the example: the model cannot take part of an image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import ProcessorMixin
+
+from milora.training.examples import IGNORE, ROLES, Encoded
+from milora.training.packing import padding_collator
+
+logger = logging.getLogger(__name__)
+
+IMAGES = "images"  # the message key holding a turn's image paths
+Message = dict[str, Any]
+
+
+def has_images(conversations: Iterable[Sequence[Message]]) -> bool:
+    """Whether any message of ``conversations`` carries images."""
+    return any(message.get(IMAGES) for conversation in conversations for message in conversation)
+
+
+def content_parts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages in the processor's form: each content a list of parts, a turn's images first."""
+    return [
+        {
+            "role": message["role"],
+            "content": [{"type": "image"} for _ in message.get(IMAGES) or ()]
+            + [{"type": "text", "text": message["content"]}],
+        }
+        for message in messages
+    ]
+
+
+def open_images(paths: Iterable[str | os.PathLike[str]]) -> list[Any]:
+    """The images at ``paths``, decoded as RGB."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"image {path} cannot be read ({error}); validate the dataset again") from None
+    return images
+
+
+def image_token_id(processor: ProcessorMixin) -> int:
+    """The id the processor repeats for each image position."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+def _ids(processor: ProcessorMixin, text: str, images: list[Any]) -> list[int]:
+    return processor(text=[text], images=images or None)["input_ids"][0]
+
+
+def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], prompt_only: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt_only)
+
+
+def prompt_text(processor: ProcessorMixin, messages: Sequence[Message]) -> str:
+    """The text a vision-language model is given at inference for these (user-ending) messages."""
+    return _render(processor, content_parts(messages), prompt_only=True)
+
+
+def encode_one(
+    processor: ProcessorMixin, messages: Sequence[Message], image_root: str | os.PathLike[str] | None
+) -> dict[str, Any]:
+    """Ids and response-only labels of one conversation (not cut), and its image paths: the
+    images are decoded again per micro-batch (:class:`ImageCollator`), so a large dataset's
+    pixels never sit in memory all at once."""
+    for message in messages:
+        if message.get("role") not in ROLES:
+            raise ValueError(f"unknown role {message.get('role')!r}; expected one of {ROLES}")
+    parts = content_parts(messages)
+    paths = [str(Path(image_root) / p) if image_root else p for m in messages for p in m.get(IMAGES) or ()]
+    images = open_images(paths)
+    full = _render(processor, parts, prompt_only=False)
+    ids = _ids(processor, full, images)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        seen = sum(len(m.get(IMAGES) or ()) for m in messages[:i])
+        before = _render(processor, parts[:i], prompt_only=True)
+        upto = _render(processor, parts[: i + 1], prompt_only=False)
+        if not full.startswith(before) or not full.startswith(upto):
+            raise ValueError(
+                "the chat template renders a conversation's prefix differently; cannot mask prompts"
+            )
+        start = len(_ids(processor, before, images[:seen]))
+        upto_ids = _ids(processor, upto, images[:seen])
+        if ids[: len(upto_ids)] != upto_ids:
+            raise ValueError(
+                "the processor tokenizes a conversation's prefix differently; cannot mask prompts"
+            )
+        labels[start : len(upto_ids)] = ids[start : len(upto_ids)]
+    if all(label == IGNORE for label in labels):
+        raise ValueError("a training conversation needs at least one assistant turn")
+    example: dict[str, Any] = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    if paths:
+        example[IMAGES] = paths
+    return example
+
+
+def encode_multimodal(
+    processor: ProcessorMixin,
+    conversations: Iterable[Sequence[Message]],
+    max_length: int,
+    image_root: str | os.PathLike[str] | None = None,
+) -> Encoded:
+    """:func:`milora.training.examples.encode` for a vision-language model (text-only
+    conversations included: they go through the same template)."""
+    out = Encoded([], 0, 0, 0)
+    image_id = image_token_id(processor)
+    for messages in conversations:
+        example = encode_one(processor, messages, image_root)
+        ids, labels = example["input_ids"], example["labels"]
+        if len(ids) > max_length:
+            out.truncated += 1
+            if image_id in ids[max_length:]:  # part of an image would be cut off
+                out.dropped += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            example.update(input_ids=ids, labels=labels, attention_mask=[1] * len(ids))
+        trained = sum(label != IGNORE for label in labels)
+        if trained == 0:
+            out.dropped += 1
+            continue
+        out.response_tokens += trained
+        out.examples.append(example)
+    if out.dropped or out.truncated:
+        logger.warning(
+            "%d sequences longer than %d tokens; %d dropped (no response left, or an image cut)",
+            out.truncated,
+            max_length,
+            out.dropped,
+        )
+    return out
+
+
+class ImageCollator:
+    """Pads the text of a micro-batch as for text, and decodes and preprocesses its images
+    (in row order; rows without images add none: the model places image features at its image
+    tokens, row by row)."""
+
+    def __init__(self, processor: ProcessorMixin) -> None:
+        self.processor = processor
+        self.pad = padding_collator(processor.tokenizer)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        paths = [path for f in features for path in f.get(IMAGES) or ()]
+        batch = self.pad([{k: v for k, v in f.items() if k != IMAGES} for f in features])
+        if paths:
+            batch.update(self.processor.image_processor(open_images(paths), return_tensors="pt"))
+        return batch
