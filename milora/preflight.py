@@ -62,7 +62,9 @@ def loaded_names(folder: Path) -> dict[str, str]:
     weight is read, torch is imported only then)."""
     names = sorted(tensor_names(folder))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if not renamed_on_load(str(config.get("model_type", ""))):
+    # Sub-models bring their own renamings (Qwen2-VL's language model), which the registry
+    # of the top model type does not list: a vision-language base always asks the model.
+    if not renamed_on_load(str(config.get("model_type", ""))) and "vision_config" not in config:
         return {name: name for name in names}
     import torch
     from transformers import AutoConfig

@@ -30,26 +30,30 @@ from tasks import LOCK_FILE, locked_hashes
 logger = logging.getLogger(__name__)
 
 
-def raw_data_hash(settings: Settings) -> str:
-    """sha256 over the (relative name, bytes) of every file ``ingest.sources`` names."""
+def company_files(settings: Settings) -> list[Path]:
+    """The company's raw data: every file ``ingest.sources`` names (in reading order), then
+    the image files their records name (sorted)."""
+    from milora.data.images import named_images
     from milora.data.readers import resolve_sources
 
+    cfg = settings.ingest
+    sources = resolve_sources(cfg.sources, settings.root)
+    return [*sources, *named_images(sources, cfg.column_map, cfg.csv_delimiter)]
+
+
+def raw_data_hash(settings: Settings) -> str:
+    """sha256 over the (relative name, bytes) of every company file (:func:`company_files`)."""
     named = []
-    for path in resolve_sources(settings.ingest.sources, settings.root):
+    for path in company_files(settings):
         name = path.relative_to(settings.root) if path.is_relative_to(settings.root) else path
         named.append((f"{name}\0".encode(), path))
     return digest_files(hashlib.sha256(), named)
 
 
 def raw_files(settings: Settings) -> dict[str, str]:
-    """``{path: sha256}`` of every company file the ingest stage reads (paths relative to the
-    project): logged with a version, so a rebuild can name the file that differs."""
-    from milora.data.readers import resolve_sources
-
-    return {
-        _relative(path, settings.root): file_sha256(path)
-        for path in resolve_sources(settings.ingest.sources, settings.root)
-    }
+    """``{path: sha256}`` of every company file the ingest stage reads, images included (paths
+    relative to the project): logged with a version, so a rebuild can name the file that differs."""
+    return {_relative(path, settings.root): file_sha256(path) for path in company_files(settings)}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -69,14 +73,12 @@ def _git(root: Path, *args: str) -> str | None:
 def uncommitted_files(settings: Settings) -> list[str]:
     """What the commit does not hold: tracked files that differ from HEAD (but ``dvc.lock`` and
     ``.gitignore`` files, DVC's records of outputs), and company files the ingest stage reads
-    that neither git nor a committed ``.dvc`` file versions (a new drop not yet committed or
+    (images included) that neither git nor a committed ``.dvc`` file versions (a new drop not yet committed or
     ``dvc add``-ed, or changed since). Empty outside a git checkout."""
     root = settings.root
     changed = _git(root, "status", "--porcelain", "--untracked-files=no")
     if changed is None:
         return []
-    from milora.data.readers import resolve_sources
-
     # dvc.lock and .gitignore files are what DVC writes about outputs, not inputs of the run.
     found = [
         line[3:]
@@ -86,7 +88,7 @@ def uncommitted_files(settings: Settings) -> list[str]:
     tracked = set((_git(root, "ls-files") or "").splitlines())
     untracked = [
         path
-        for path in resolve_sources(settings.ingest.sources, root)
+        for path in company_files(settings)
         if path.resolve().is_relative_to(root.resolve()) and _relative(path, root) not in tracked
     ]
     versioned = _dvc_versioned(root, untracked, tracked) if untracked else set()

@@ -91,7 +91,6 @@ class AdapterOnStockBase(PythonModel):
             rendered,
             max_new_tokens=int(limit),
             batch_size=int(self.config.get("batch_size", 8)),
-            add_special_tokens=not self.tokenizer.chat_template,  # a template writes its own BOS
             first_line=False,
         )
 

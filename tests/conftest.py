@@ -152,15 +152,44 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-# A LLaVA-style template: a turn's content is text, or parts (images, then text); no BOS
-# (the processor's tokenizer adds it, as LLaVA's does).
-VLM_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+# LLaVA-1.5-hf's chat template (its hub repository's): it iterates content parts (a plain-text
+# turn renders as nothing), ends turns with a space and writes no BOS and no EOS.
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+
+
+def llava_tokenizer(texts: list[str]):
+    """A SentencePiece-style (Metaspace) BPE tokenizer that adds BOS, with ``<image>`` and
+    LLaVA-1.5's template: the habits of LLaVA-1.5's LLaMA tokenizer, trained offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    core.train_from_iterator([*texts, "USER: ASSISTANT: What colour"], trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+    tokenizer.chat_template = LLAVA_15_TEMPLATE
+    return tokenizer
+
+
 IMAGE_SIDE, IMAGE_PATCH = 16, 4  # 16x16 images in 4x4 patches: 16 image tokens (CLS dropped)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 
@@ -214,9 +243,7 @@ def save_tiny_llava(path: Path, texts: list[str]) -> Path:
     trained-looking spectra) with its processor and chat template, saved like a hub checkpoint."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    tokenizer = build_tokenizer([*texts, VLM_CHAT_TEMPLATE])
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    tokenizer = llava_tokenizer(texts)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     model = tiny_llava(
         len(tokenizer),
@@ -236,7 +263,7 @@ def save_tiny_llava(path: Path, texts: list[str]) -> Path:
         vision_feature_select_strategy="default",
         image_token="<image>",
         num_additional_image_tokens=1,
-        chat_template=VLM_CHAT_TEMPLATE,
+        chat_template=LLAVA_15_TEMPLATE,
     )
     processor.save_pretrained(path)
     return path

@@ -28,6 +28,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.retrain import main as retrain_main
 from flows.retrain import retrain
 from milora.settings import load_settings
+from tasks.lineage import raw_data_hash, raw_files
 from tasks.rebuild import main as rebuild_main
 from tasks.rebuild import rebuild
 from tasks.registry import tracking_uri
@@ -501,3 +502,8 @@ def test_image_records_through_the_whole_flow(tmp_path, vlm_dir, harness):
     assert "photos" in metrics
     client, name = registry(root)
     assert len(client.search_model_versions(f"name='{name}'")) == 1
+    # The images are part of the raw data: an edited picture is new data.
+    assert {f"company/drop_01/img/{c}.png" for c in COLOURS} <= set(raw_files(settings))
+    before = raw_data_hash(settings)
+    colour_image(drop_dir / "img" / "red.png", "red", seed=2)
+    assert raw_data_hash(settings) != before

@@ -318,3 +318,16 @@ def test_a_later_drop_supersedes_the_answer_about_the_same_picture(tmp_path, rep
     assert {"Blue.", "Crimson."} <= answers and "Red." not in answers  # blue is another fact
     images = tmp_path / "dataset" / "images"
     assert len(list(images.iterdir())) == 2  # blue, and red: the new row's photo.png is the same picture
+
+
+def test_an_image_linked_into_a_cache_is_read_and_a_path_out_of_the_drop_is_not(tmp_path):
+    from milora.data.images import resolve_image
+
+    cache, drop = tmp_path / "cache", tmp_path / "drop"
+    cache.mkdir()
+    drop.mkdir()
+    (cache / "abc").write_bytes(b"png")
+    (drop / "a.png").symlink_to(cache / "abc")  # DVC with cache.type: symlink
+    path, refused = resolve_image("a.png", drop)
+    assert refused is None and path == drop / "a.png" and path.read_bytes() == b"png"
+    assert resolve_image("../cache/abc", drop) == (None, "'../cache/abc' leaves the drop folder")

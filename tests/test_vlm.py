@@ -253,24 +253,81 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def learnt_text(processor, example) -> list[str]:
+    """The learnt stretches of an example, decoded (special tokens shown)."""
+    stretches, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            stretches.append(current)
+            current = []
+    stretches += [current] if current else []
+    return [processor.tokenizer.decode(ids).strip() for ids in stretches]
+
+
 def test_image_conversations_are_encoded_through_the_processor(vlm_dir, photos):
-    processor = load_processor(vlm_dir)
+    processor = load_processor(vlm_dir)  # LLaVA-1.5's template: no BOS, no EOS, a space after each turn
+    tokenizer = processor.tokenizer
     image_id = image_token_id(processor)
-    encoded = encode_multimodal(processor, colour_conversations(2) + company_conversations(1), 128, photos)
-    first, text = encoded.examples[0], encoded.examples[-1]
-    # One image: its 16 positions in the ids, the path kept for the collator, and only the
-    # answer (and its end token) learnt.
+    second = [{"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "Round."}]
+    talks = [colour_conversations(1)[0] + second, company_conversations(1)[0] + second]
+    encoded = encode_multimodal(
+        processor, colour_conversations(2) + company_conversations(1) + talks, 128, photos
+    )
+    first, text, pictured_talk, text_talk = encoded.examples[0], encoded.examples[2], *encoded.examples[3:]
+    # One image: its 16 positions in the ids, the path kept for the collator, BOS first (the
+    # tokenizer adds it, as the processor does), and only the answer learnt, with an EOS to
+    # stop on (the template writes none).
+    assert (
+        first["input_ids"][0] == tokenizer.bos_token_id
+        and first["input_ids"].count(tokenizer.bos_token_id) == 1
+    )
     assert first["input_ids"].count(image_id) == 16 and first["images"] == [str(photos / "img/red.png")]
-    learnt = [t for t in first["labels"] if t != IGNORE]
-    assert processor.tokenizer.decode(learnt, skip_special_tokens=True).strip() == "It is red."
+    assert learnt_text(processor, first) == ["It is red.</s>"]
     assert "images" not in text and image_id not in text["input_ids"]
-    # A cut through an image drops the example rather than feed the model half an image.
-    cut = encode_multimodal(processor, colour_conversations(1), 10, photos)
-    assert not cut.examples and cut.dropped == 1
-    batch = ImageCollator(processor)(encoded.examples)
+    # Two exchanges (the turn's trailing space merges with the next turn's first word):
+    # each answer learnt, with or without an image.
+    assert learnt_text(processor, pictured_talk) == ["It is red.</s>", "Round.</s>"]
+    assert (
+        learnt_text(processor, text_talk)[1] == "Round.</s>"
+        and "costs" in learnt_text(processor, text_talk)[0]
+    )
+    # A cut through an image drops the example rather than feed the model half an image; when
+    # that drops every image record, training stops instead of learning no image.
+    short = colour_conversations(1)[0]
+    long = [{**short[0], "content": "Look closely at the picture and tell me its colour. " * 3}, short[1]]
+    cut = encode_multimodal(processor, [short, long], len(first["input_ids"]) + 2, photos)
+    assert len(cut.examples) == 1 and cut.dropped == 1
+    with pytest.raises(ValueError, match=r"all 1 image records are longer than max_length 14 tokens"):
+        encode_multimodal(processor, colour_conversations(1), 14, photos)
+    batch = ImageCollator(processor)(encoded.examples[:3])
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["input_ids"].shape[0] == 3
     with pytest.raises(ProcessorError, match="processor"):
         load_processor(Path(vlm_dir).parent)  # no model folder there
+
+
+def test_validation_counts_the_text_of_a_llava_template(vlm_dir):
+    from milora.data.tokens import TokenCounter
+
+    long = [
+        {"role": "user", "content": "How much is the kettle model 3? " * 40},
+        {"role": "assistant", "content": "Ten."},
+    ]
+    counter = TokenCounter(vlm_dir)
+    counted = counter.count([long], limit=100)[0]  # near the limit: counted exactly, through the template
+    assert counted > 200 and counter.fixed > 0  # (rendered as "USER: ASSISTANT: " it was 5)
+
+
+def test_image_items_of_one_question_are_distinct_facts():
+    from milora.evaluation.truth import current_truth
+
+    items = [
+        {"question": "What colour is this product?", "answer": colour, "images": [f"img/{colour}.png"]}
+        for colour in ("red", "blue")
+    ]
+    assert [i["answer"] for i in current_truth(items)] == ["red", "blue"]
+    assert len(current_truth([{**items[0], "drop": "a"}, {**items[0], "answer": "pink", "drop": "b"}])) == 1
 
 
 def test_image_records_train_and_evaluate_through_the_processor(vlm_dir, photos, chat_model_dir, tmp_path):
@@ -316,30 +373,21 @@ def test_image_records_train_and_evaluate_through_the_processor(vlm_dir, photos,
         evaluate_adapter(vlm_dir, tmp_path / "run" / "adapter", suites, photos, tmp_path / "eval3")
 
 
-# LLaVA-1.5-hf's chat template (its hub repository's), which iterates content parts.
-LLAVA_15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}{% for content in "
-    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
 def test_text_turns_render_through_a_template_that_iterates_content_parts(vlm_dir):
-    tokenizer = load_tokenizer(vlm_dir)
+    from transformers import AutoTokenizer
+
     turns = [{"role": "user", "content": "How much?"}, {"role": "assistant", "content": "Ten."}]
-    tokenizer.chat_template = LLAVA_15_TEMPLATE
-    assert tokenizer.apply_chat_template(turns, tokenize=False) == "USER: ASSISTANT: "  # text lost
-    text_as_parts(text_as_parts(tokenizer))  # once, however often
+    plain = AutoTokenizer.from_pretrained(vlm_dir)  # LLaVA-1.5's template as it comes
+    assert plain.apply_chat_template(turns, tokenize=False) == "USER: ASSISTANT: "  # the text is lost
+    tokenizer = load_tokenizer(vlm_dir)
+    assert tokenizer.chat_template.startswith(TEXT_AS_PARTS)
+    text_as_parts(tokenizer)  # once, however often
+    assert tokenizer.chat_template.count(TEXT_AS_PARTS) == 1
     assert tokenizer.apply_chat_template(turns, tokenize=False) == "USER: How much? ASSISTANT: Ten. "
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
     assert tokenizer.apply_chat_template(parts, tokenize=False, add_generation_prompt=True) == (
         "USER: <image>\nColour? ASSISTANT:"
     )
-    assert load_tokenizer(vlm_dir).chat_template.startswith(TEXT_AS_PARTS)
 
 
 def test_milora_train_takes_image_records_relative_to_their_file(vlm_dir, photos, tmp_path):

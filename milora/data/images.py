@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING
 
@@ -58,15 +59,40 @@ def parse_images(value: object) -> tuple[list[str], list[str]]:
 
 def resolve_image(text: str, folder: Path) -> tuple[Path | None, str | None]:
     """The file an image path names inside the drop ``folder``, or why it may not be read:
-    an absolute path or one that leaves the folder (``..``, a link) would read outside the
-    drop, which neither DVC watches nor the next machine has."""
+    an absolute path or one that leaves the folder (``..``) would read outside the drop,
+    which neither DVC watches nor the next machine has. Links are not followed for the
+    check: a drop under DVC with ``cache.type: symlink`` holds links into the cache."""
     if text.startswith(("/", "\\")) or PureWindowsPath(text).drive:
         return None, f"{text!r} is an absolute path (give it relative to the drop folder)"
-    folder = Path(folder).resolve()
-    path = (folder / text.replace("\\", "/")).resolve()
+    folder = Path(os.path.abspath(folder))
+    path = Path(os.path.normpath(folder / text.replace("\\", "/")))
     if not path.is_relative_to(folder):
         return None, f"{text!r} leaves the drop folder"
     return path, None
+
+
+def named_images(
+    sources: Sequence[Path], column_map: Mapping[str, str], csv_delimiter: str = ","
+) -> list[Path]:
+    """The image files the records of ``sources`` name (each once, sorted): with the record
+    files, what a version's raw data is (its hash, its lineage, the uncommitted check).
+    Unreadable files and rows are skipped: ingest reports them."""
+    from milora.data.readers import FileProblem, iter_rows
+
+    found: dict[Path, None] = {}
+    for source in sources:
+        try:
+            for raw in iter_rows(source, csv_delimiter):
+                for key, value in (raw.record or {}).items():
+                    if column_map.get(key, key) != "images":
+                        continue
+                    for text in parse_images(value)[0]:
+                        path = resolve_image(text, source.parent)[0]
+                        if path is not None and path.is_file():
+                            found[path] = None
+        except FileProblem:
+            continue
+    return sorted(found)
 
 
 def content_digest(path: Path) -> str | None:

@@ -51,6 +51,8 @@ class TokenCounter:
     def __init__(self, path: Path | str):
         from transformers import AutoTokenizer
 
+        from milora.modeling import is_vision_language, text_as_parts
+
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(
@@ -59,6 +61,8 @@ class TokenCounter:
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(self.path), local_files_only=True, trust_remote_code=False
         )
+        if is_vision_language(self.path):  # its template may render plain-text turns as nothing
+            text_as_parts(self.tokenizer)
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self.per_turn, self.fixed = self._template_cost()
         logger.info("tokenizer %s: %d tokens per turn, %d per record", self.path, self.per_turn, self.fixed)

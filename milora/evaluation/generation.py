@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from milora.training.examples import special_tokens_wanted
 from milora.training.multimodal import open_images
 
 
@@ -25,7 +26,7 @@ def greedy_generate(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 32,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool | None = None,
     first_line: bool = True,
     stop: Sequence[str] = (),
     progress: bool = False,
@@ -35,7 +36,8 @@ def greedy_generate(
     """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline.
 
     ``stop``: strings that end a continuation (generation stops there; the text is cut
-    before them), as lm-evaluation-harness's ``until``. ``images``: each prompt's image
+    before them), as lm-evaluation-harness's ``until``. ``add_special_tokens``: None decides
+    as training did (:func:`~milora.training.examples.special_tokens_wanted`). ``images``: each prompt's image
     files, turned into model inputs with the prompts by a vision-language ``processor``
     (``tokenizer`` is then the processor's)."""
     stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
@@ -49,15 +51,22 @@ def greedy_generate(
             chunk = list(prompts[start : start + batch_size])
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
+            special = (
+                special_tokens_wanted(tokenizer, chunk[0])
+                if add_special_tokens is None
+                else add_special_tokens
+            )
             if processor is not None:
                 paths = [path for row in (images or [])[start : start + batch_size] for path in row]
                 enc = processor(
-                    text=chunk, images=open_images(paths) or None, return_tensors="pt", padding=True
+                    text=chunk,
+                    images=open_images(paths) or None,
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=special,
                 )
             else:
-                enc = tokenizer(
-                    chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-                )
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special)
             enc = enc.to(_device(model))
             generated = model.generate(
                 **enc,
@@ -87,10 +96,11 @@ def continuation_logprobs(
     pairs: Sequence[tuple[str, str]],
     *,
     batch_size: int = 32,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool | None = None,
     progress: bool = False,
 ) -> list[float]:
-    """Summed log-probability of each continuation given its prompt (right padding)."""
+    """Summed log-probability of each continuation given its prompt (right padding;
+    ``add_special_tokens`` as for :func:`greedy_generate`)."""
     scores: list[float] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
@@ -98,7 +108,15 @@ def continuation_logprobs(
         chunk = pairs[start : start + batch_size]
         # Prompt and continuation are tokenized apart, so the continuation's tokens are the
         # same for every prompt and the boundary cannot merge into one token.
-        prompts = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p, _ in chunk]
+        prompts = [
+            tokenizer(
+                p,
+                add_special_tokens=special_tokens_wanted(tokenizer, p)
+                if add_special_tokens is None
+                else add_special_tokens,
+            )["input_ids"]
+            for p, _ in chunk
+        ]
         fulls = [
             ids + tokenizer(c, add_special_tokens=False)["input_ids"]
             for ids, (_, c) in zip(prompts, chunk, strict=True)

@@ -32,7 +32,8 @@ from milora.settings import SuiteSettings
 
 logger = logging.getLogger(__name__)
 
-RESULTS_VERSION = 2  # bump when scoring changes, so cached base results are recomputed
+RESULTS_VERSION = 3  # bump when scoring changes, so cached base results are recomputed
+# 3: BOS as training adds it (special_tokens_wanted); a vision-language base asked through its processor
 
 
 class EvaluationInputError(ValueError, UserFacingError):

@@ -115,7 +115,7 @@ def qa_suite(
         prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        add_special_tokens=prompt != "chat",
+        add_special_tokens=None if prompt == "chat" else True,  # chat: as in training
     )
     return qa_result(name, items, outputs, headline)
 

@@ -19,9 +19,12 @@ from milora.data.facts import fact_key, normalised
 
 
 def item_key(item: dict[str, Any]) -> str:
-    """The fact an evaluation item asks about."""
+    """The fact an evaluation item asks about; an item about images asks about those images
+    (by path: "What colour is this product?" of red.png and of blue.png are two facts)."""
     named = item.get("id") or item.get("key")
-    return fact_key(str(item.get("question", "")), key=str(named) if named else None)
+    images = item.get("images") or ()
+    images = (images,) if isinstance(images, str) else tuple(images)
+    return fact_key(str(item.get("question", "")), key=str(named) if named else None, images=images)
 
 
 def current_truth(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,6 +58,14 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], pro
     return prompt + messages[1]["content"] + (tokenizer.eos_token or "")
 
 
+def special_tokens_wanted(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether tokenizing rendered ``text`` adds the tokenizer's special tokens (its BOS):
+    not when the text starts with BOS (a template that writes it), else yes (no template, or
+    one that leaves BOS to the tokenizer, as LLaVA-1.5's); transformers' processors decide so."""
+    bos = tokenizer.bos_token
+    return not (bos and text.startswith(bos))
+
+
 def prompt_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str:
     """The text a model is given at inference for these (user-ending) messages."""
     return _render(tokenizer, messages, prompt_only=True)
@@ -92,10 +100,10 @@ def encode(
 ) -> Encoded:
     """Token ids, attention masks and response-only labels for each conversation."""
     out = Encoded([], 0, 0, 0)
-    add_special = not tokenizer.chat_template  # templates write their own BOS
     for messages in conversations:
         text, spans = response_spans(tokenizer, messages)
-        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
+        special = special_tokens_wanted(tokenizer, text)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [
             token if any(start < end and start >= lo and end <= hi for lo, hi in spans) else IGNORE

@@ -282,7 +282,9 @@ CHECKPOINTING_ARGUMENT = (
 )
 
 
-def _arguments(config: TrainConfig, run_dir: Path, packed: bool = False) -> TrainingArguments:
+def _arguments(
+    config: TrainConfig, run_dir: Path, packed: bool = False, images: bool = False
+) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
@@ -309,7 +311,9 @@ def _arguments(config: TrainConfig, run_dir: Path, packed: bool = False) -> Trai
         include_num_input_tokens_seen="all" if packed else "non_padding",
         use_cpu=not cuda,
         ddp_backend="gloo" if world_size() > 1 and not cuda else None,
-        ddp_find_unused_parameters=False,
+        # A micro-batch without images leaves an adapted projector or vision layer without a
+        # gradient, which DDP must be told to expect.
+        ddp_find_unused_parameters=images,
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -428,7 +432,7 @@ def train_adapter(
     trainer = _Trainer(
         sampler=sampler,
         model=model,
-        args=_arguments(config, run_dir, packed),
+        args=_arguments(config, run_dir, packed, images=processor is not None),
         train_dataset=examples,
         data_collator=collator,
         callbacks=[_MetricsFile(run_dir / METRICS), _InitialFactorsInCheckpoints(model)],

@@ -8,7 +8,9 @@ conversation with an image placeholder per image (content parts ``{"type": "imag
 model fills with its vision features, so the ids trained on are the ids the model is
 served with. Labels are the assistant turns only, located by rendering each turn's prefix:
 with image tokens expanded, character offsets of the text no longer line up with tokens,
-so each prefix is tokenized and must be a prefix of the whole (checked).
+so each prefix is tokenized and a turn is the tokens its prefix shares with the whole (a
+turn's trailing space merges with the next word). An answer the template ends without EOS
+(LLaVA-1.5's writes none) gets one to learn, so the model learns to stop.
 
 Length rule as for text (cut from the right at ``max_length``), except that a cut through
 an image's tokens drops the example: the model cannot take part of an image.
@@ -24,7 +26,7 @@ from typing import Any
 
 from transformers import ProcessorMixin
 
-from milora.training.examples import IGNORE, ROLES, Encoded
+from milora.training.examples import IGNORE, ROLES, Encoded, special_tokens_wanted
 from milora.training.packing import padding_collator
 
 logger = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ def content_parts(messages: Sequence[Message]) -> list[dict[str, Any]]:
 
 def open_images(paths: Iterable[str | os.PathLike[str]]) -> list[Any]:
     """The images at ``paths``, decoded as RGB."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+            with Image.open(path) as image:  # upright, as transformers' image loading serves it
+                images.append(ImageOps.exif_transpose(image).convert("RGB"))
         except (OSError, ValueError) as error:
             raise ValueError(f"image {path} cannot be read ({error}); validate the dataset again") from None
     return images
@@ -73,7 +75,8 @@ def image_token_id(processor: ProcessorMixin) -> int:
 
 
 def _ids(processor: ProcessorMixin, text: str, images: list[Any]) -> list[int]:
-    return processor(text=[text], images=images or None)["input_ids"][0]
+    special = special_tokens_wanted(processor.tokenizer, text)
+    return processor(text=[text], images=images or None, add_special_tokens=special)["input_ids"][0]
 
 
 def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], prompt_only: bool) -> str:
@@ -83,6 +86,35 @@ def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], prompt_on
 def prompt_text(processor: ProcessorMixin, messages: Sequence[Message]) -> str:
     """The text a vision-language model is given at inference for these (user-ending) messages."""
     return _render(processor, content_parts(messages), prompt_only=True)
+
+
+def _shared(ids: Sequence[int], prefix: Sequence[int]) -> int:
+    """How many leading tokens ``ids`` and ``prefix`` have in common."""
+    count = 0
+    for mine, theirs in zip(ids, prefix, strict=False):
+        if mine != theirs:
+            break
+        count += 1
+    return count
+
+
+def _with_stops(ids: list[int], spans: list[tuple[int, int]], eos: int | None) -> tuple[list[int], list[int]]:
+    """Ids and labels (the spans learnt), an EOS learnt after each answer that ends without
+    one: a template that writes none (LLaVA-1.5's) would otherwise teach the model to never
+    stop, where LLaVA's own training ended each answer with ``</s>``."""
+    out, labels, at = [], [], 0
+    for start, end in spans:
+        out += ids[at:start]
+        labels += [IGNORE] * (start - at)
+        answer = list(ids[start:end])
+        if eos is not None and eos not in answer:
+            answer.append(eos)
+        out += answer
+        labels += answer
+        at = end
+    out += ids[at:]
+    labels += [IGNORE] * (len(ids) - at)
+    return out, labels
 
 
 def encode_one(
@@ -99,7 +131,7 @@ def encode_one(
     images = open_images(paths)
     full = _render(processor, parts, prompt_only=False)
     ids = _ids(processor, full, images)
-    labels = [IGNORE] * len(ids)
+    spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -110,15 +142,18 @@ def encode_one(
             raise ValueError(
                 "the chat template renders a conversation's prefix differently; cannot mask prompts"
             )
-        start = len(_ids(processor, before, images[:seen]))
-        upto_ids = _ids(processor, upto, images[:seen])
-        if ids[: len(upto_ids)] != upto_ids:
-            raise ValueError(
-                "the processor tokenizes a conversation's prefix differently; cannot mask prompts"
-            )
-        labels[start : len(upto_ids)] = ids[start : len(upto_ids)]
-    if all(label == IGNORE for label in labels):
+        # Where the prefixes' tokens stop agreeing with the whole's: a turn's trailing space
+        # (LLaVA-1.5's template) is its own token alone and merges with the next turn's word.
+        start = _shared(ids, _ids(processor, before, images[:seen]))
+        end = _shared(ids, _ids(processor, upto, images[:seen]))
+        while end - start > 1 and not processor.tokenizer.decode(ids[end - 1 : end]).strip():
+            end -= 1  # a trailing space of the template's, not of the answer: EOS follows the words
+        if end <= start:
+            raise ValueError(f"assistant turn {i} has no token of its own; cannot learn it")
+        spans.append((start, end))
+    if not spans:
         raise ValueError("a training conversation needs at least one assistant turn")
+    ids, labels = _with_stops(ids, spans, processor.tokenizer.eos_token_id)
     example: dict[str, Any] = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
     if paths:
         example[IMAGES] = paths
@@ -135,13 +170,18 @@ def encode_multimodal(
     conversations included: they go through the same template)."""
     out = Encoded([], 0, 0, 0)
     image_id = image_token_id(processor)
+    pictured = cut = fewest = 0  # conversations with images; of them, cut through an image; image tokens
     for messages in conversations:
         example = encode_one(processor, messages, image_root)
         ids, labels = example["input_ids"], example["labels"]
+        if IMAGES in example:
+            pictured += 1
+            fewest = min(fewest or len(ids), ids.count(image_id))
         if len(ids) > max_length:
             out.truncated += 1
             if image_id in ids[max_length:]:  # part of an image would be cut off
                 out.dropped += 1
+                cut += 1
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
             example.update(input_ids=ids, labels=labels, attention_mask=[1] * len(ids))
@@ -151,12 +191,19 @@ def encode_multimodal(
             continue
         out.response_tokens += trained
         out.examples.append(example)
+    if pictured and cut == pictured:  # not a warning: the run would learn no image at all
+        raise ValueError(
+            f"all {pictured} image records are longer than max_length {max_length} tokens (their images "
+            f"alone take {fewest} or more): raise the profile's max_length"
+        )
     if out.dropped or out.truncated:
         logger.warning(
-            "%d sequences longer than %d tokens; %d dropped (no response left, or an image cut)",
+            "%d sequences longer than %d tokens; %d dropped (no response left, or an image cut: %d of %d image records)",
             out.truncated,
             max_length,
             out.dropped,
+            cut,
+            pictured,
         )
     return out
 
