@@ -5,7 +5,9 @@ The baseline is what most fine-tuning scripts do: ``peft.get_peft_model`` with a
 pads each micro-batch to its longest sequence. The project's loop (``train_adapter``)
 packs each micro-batch into one row without padding (:mod:`milora.training.packing`:
 attention within each sequence, logits only where a token is trained; ``--no-packing``:
-padded micro-batches of similar length, :class:`milora.training.loop.LengthGroupedSampler`).
+padded micro-batches of similar length, :class:`milora.training.loop.LengthGroupedSampler`),
+and on a CPU its LoRA dropout draws the gaps between drops instead of one number per element
+(:mod:`milora.training.dropout`, same distribution; ``--no-gap-dropout``: torch's dropout).
 Both train the same rank, targets, examples, micro-batch, global batch and number of steps
 on the same base model; the SVD initialisation is not timed (it happens once, before
 training). After a discarded warm-up pair, runs alternate and the median is reported.
@@ -160,6 +162,7 @@ def ours(args, convs) -> dict:
         seed=0,
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
+        gap_dropout=args.gap_dropout,
     )
     with tempfile.TemporaryDirectory() as out:
         reset_peak()
@@ -245,6 +248,12 @@ def main() -> int:
     parser.add_argument(
         "--packing", action=argparse.BooleanOptionalAction, default=True, help="ours: TrainConfig.packing"
     )
+    parser.add_argument(
+        "--gap-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: TrainConfig.gap_dropout (--no-gap-dropout: torch's dropout, as the baseline)",
+    )
     parser.add_argument("--dtype", default="float32", help="the base's weights in memory (both)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both; a GPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="(both)")
@@ -286,6 +295,7 @@ def main() -> int:
         "baseline_padding_share": round(runs["baseline"][0]["padding_share"], 4),
         "ours_padding_share": round(runs["ours"][0]["padding_share"], 4),
         "ours_packed": runs["ours"][0]["packed"],
+        "ours_gap_dropout": args.gap_dropout,
         "baseline_tokens_per_s_runs": [round(r["tokens_per_s"]) for r in runs["baseline"]],
         "ours_tokens_per_s_runs": [round(r["tokens_per_s"]) for r in runs["ours"]],
         "loss_per_token_padded": round(losses["padded"], 6),

@@ -44,6 +44,13 @@ class TrainConfig:
             "sliding windows) are padded instead"
         },
     )
+    gap_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA dropout on a CPU draws the gaps between drops, ~p random numbers per "
+            "element instead of one, same distribution (milora.training.dropout); off: torch's"
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU)"})
     gradient_checkpointing: bool = False
     replay_share: float = field(

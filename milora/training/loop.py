@@ -51,6 +51,7 @@ from milora.layout import (
     SUMMARY,
 )
 from milora.training.config import TrainConfig
+from milora.training.dropout import use_gap_dropout
 from milora.training.examples import Encoded, Message, encode
 from milora.training.multimodal import ImageCollator, encode_multimodal, has_images
 from milora.training.packing import (
@@ -429,6 +430,8 @@ def train_adapter(
     else:
         collator = _collator(model, tokenizer, examples, config)
     packed = isinstance(collator, PackingCollator)
+    if config.gap_dropout:
+        use_gap_dropout(model)
     trainer = _Trainer(
         sampler=sampler,
         model=model,
