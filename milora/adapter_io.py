@@ -27,7 +27,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from milora.atomic import atomic_directory, follow_umask
+from milora.atomic import atomic_directory, atomic_write_text, follow_umask
 from milora.config import AdapterSpec
 from milora.errors import UserFacingError
 from milora.initialize import PEFT_PREFIX, InitialFactors, lora_layers, subtract_initial
@@ -249,7 +249,8 @@ def write_initial(
             initial[key_a], initial[key_b] = A0, B0
         write_adapter(folder / INITIAL_DIR, initial, config, None)
     manifest = manifest_for(state, base_model=base_model, **(extra or {}))
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # Written last and whole: a checkpoint with its manifest is complete (last_complete_checkpoint).
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def initial_factors_of(model: nn.Module) -> InitialFactors:

@@ -114,7 +114,9 @@ def train(settings: Settings, dataset_dir: Path | None = None, run_dir: Path | N
     # what is new since this dataset.
     chain["dataset_rows"] = sorted({conversation_digest(c) for c in conversations})
     base = settings.path(settings.base_model)
-    key = run_key(base, rows, spec, config, replay, start=start, serve_rank=cfg.serve_rank)
+    key = run_key(
+        base, rows, spec, config, replay, start=start, serve_rank=cfg.serve_rank, image_root=dataset
+    )
     published = out / RUN_KEY
     result = finished_run(out) if published.is_file() and json.loads(published.read_text()) == key else None
     if result is not None:

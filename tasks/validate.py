@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from milora.atomic import atomic_directory, atomic_write_text
-from milora.data.checks import CONTENT_CHECKS, row_checks
+from milora.data.checks import CONTENT_CHECKS, row_checks, special_tokens_pattern
 from milora.data.contamination import BenchmarkIndex, benchmark_files
 from milora.data.dataset import (
     COMPANY,
@@ -358,6 +358,7 @@ class _Tools:
     facts_checkpoint: Any
     data_docs: Path
     pii_allow: re.Pattern[str] | None
+    special: re.Pattern[str] | None  # the base tokenizer's special tokens as text
     root: Path  # the ingested image paths are relative to it
     images: ImageSettings
     image_tokens: int  # tokens one image takes in the model's input
@@ -413,6 +414,7 @@ def _tools(settings: Settings, reports: Path) -> _Tools:
         *checkpoints,
         docs,
         allow_pattern(cfg.pii_allow),
+        special_tokens_pattern(counter.special_tokens),
         settings.root,
         cfg.images,
         image_tokens(settings.path(settings.base_model)),
@@ -427,7 +429,10 @@ def derive_columns(
     question -> its newest answer), rows that would teach a company question another answer."""
     derived: dict[str, list[Any]] = {name: [] for name in (*CONTENT_CHECKS, *IMAGE_CHECKS)}
     for row in rows:
-        checks = {**row_checks(row, tools.pii_allow), **check_images(row["images"], tools.root, tools.images)}
+        checks = {
+            **row_checks(row, tools.pii_allow, tools.special),
+            **check_images(row["images"], tools.root, tools.images),
+        }
         for name, value in checks.items():
             derived[name].append(value)
     derived["n_tokens"] = tools.counter.count(

@@ -290,6 +290,24 @@ def test_control_characters(tmp_path, reports):
     assert only(findings, "control_chars", [5]).values == ["instruction: '\\x07' at character 13"]
 
 
+def test_special_tokens_written_as_text_are_quarantined(tmp_path, reports):
+    """A literal EOS in an answer would end it there in training: the row is set aside, named."""
+    bad = {"instruction": "How do I end a reply?", "input": "", "output": "Type </s> at the end."}
+    rows = [*good(5), bad]
+    report = check_files(make_settings(tmp_path), [write_jsonl(tmp_path / "drop.jsonl", rows)], reports)
+    assert report.passed and [(w.rule, w.rows) for w in report.warnings] == [("special_tokens", [6])]
+    (row,) = [json.loads(line) for line in report.quarantine_path.read_text().splitlines()]
+    assert row["rules"] == ["special_tokens"] and row["reasons"] == ["output: '</s>' at character 5"]
+
+
+def test_special_tokens_in_a_chat_turn_fail_under_the_fail_policy(tmp_path, reports):
+    turns = chat(9)["messages"]
+    turns[1] = {"role": "user", "content": "Where is it?<s> Answer fast"}
+    rows = [chat(i) for i in range(4)] + [{"messages": turns}]
+    findings, _ = fails(tmp_path, reports, rows, {"validate.policies.special_tokens": "fail"})
+    assert only(findings, "special_tokens", [5]).values == ["messages[1] (user): '<s>' at character 12"]
+
+
 # --------------------------------------------------------------------------- the gate itself
 def test_failure_touches_nothing_downstream(tmp_path, reports):
     write_jsonl(tmp_path / "drop.jsonl", good(6))

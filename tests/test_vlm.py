@@ -407,3 +407,48 @@ def test_milora_train_takes_image_records_relative_to_their_file(vlm_dir, photos
     )
     assert result.exit_code == 0, result.output
     assert "trained 2 steps (4 examples" in result.output
+
+
+def test_a_literal_image_token_in_a_record_is_caught_by_validation(vlm_dir):
+    """The processor would count a typed ``<image>`` as one more image than the record has."""
+    from milora.data.checks import row_checks, special_tokens_pattern
+    from milora.data.tokens import TokenCounter
+
+    counter = TokenCounter(vlm_dir)
+    assert {"<image>", "<s>", "</s>"} <= set(counter.special_tokens)
+    row = {
+        "format": "chat",
+        "check_malformed_row": None,
+        "messages": [
+            {"role": "user", "content": "What does <image> show?"},
+            {"role": "assistant", "content": "A red square."},
+        ],
+    }
+    checks = row_checks(row, special=special_tokens_pattern(counter.special_tokens))
+    assert checks["check_special_tokens"] == "messages[0] (user): '<image>' at character 10"
+    row["messages"][0]["content"] = "What does the picture show?"
+    assert (
+        row_checks(row, special=special_tokens_pattern(counter.special_tokens))["check_special_tokens"]
+        is None
+    )
+
+
+def test_a_run_is_keyed_by_its_images_content_not_their_paths(tmp_path):
+    from milora.config import AdapterSpec
+    from milora.training import TrainConfig
+    from milora.training.run import run_key
+
+    for colour in COLOURS:
+        colour_image(tmp_path / "img" / f"{colour}.png", colour)
+    pictured, text = colour_conversations(4), company_conversations(2)
+    spec, config = AdapterSpec("milora", 4), TrainConfig(max_steps=2)
+
+    def data_key(conversations) -> str:
+        return run_key("base", conversations, spec, config, image_root=tmp_path)["data_sha256"]
+
+    assert data_key(text) == run_key("base", text, spec, config)["data_sha256"]  # text keys as before
+    before = data_key(pictured)
+    assert data_key(pictured) == before
+    colour_image(tmp_path / "img" / "red.png", "red", seed=1)  # another shot under the same name
+    assert data_key(pictured) != before
+    assert pictured[0][0]["images"] == ["img/red.png"]  # the conversations themselves untouched

@@ -75,6 +75,24 @@ def chat_roles(messages: Sequence[dict[str, str]]) -> str | None:
     return None
 
 
+def special_tokens(pairs: Sequence[tuple[str, str]], pattern: re.Pattern[str] | None) -> str | None:
+    """Where the first special token written out as text is, and which one."""
+    if pattern is None:
+        return None
+    for name, text in pairs:
+        match = pattern.search(text)
+        if match:
+            return f"{name}: {match.group()!r} at character {match.start()}"
+    return None
+
+
+def special_tokens_pattern(tokens: Sequence[str]) -> re.Pattern[str] | None:
+    """One regex for ``tokens`` (longest first, so ``<|im_end|>`` is not read as a shorter
+    one); None when there are none."""
+    tokens = sorted({t for t in tokens if t and t.strip()}, key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
 def _first(pairs: Sequence[tuple[str, str]], finder: Any, allow: re.Pattern[str] | None) -> str | None:
     for name, text in pairs:
         found = finder(text, allow)
@@ -83,10 +101,15 @@ def _first(pairs: Sequence[tuple[str, str]], finder: Any, allow: re.Pattern[str]
     return None
 
 
-def row_checks(row: dict[str, Any], pii_allow: re.Pattern[str] | None = None) -> dict[str, str | None]:
+def row_checks(
+    row: dict[str, Any],
+    pii_allow: re.Pattern[str] | None = None,
+    special: re.Pattern[str] | None = None,
+) -> dict[str, str | None]:
     """The content checks of one normalised row (structure was noted by ingest).
 
-    ``pii_allow`` matches values that look personal but are public (a support address).
+    ``pii_allow`` matches values that look personal but are public (a support address);
+    ``special`` the base tokenizer's special tokens (:func:`special_tokens_pattern`).
     """
     if row["check_malformed_row"] is not None or row["format"] == "unknown":
         return dict.fromkeys(CONTENT_CHECKS)
@@ -95,6 +118,7 @@ def row_checks(row: dict[str, Any], pii_allow: re.Pattern[str] | None = None) ->
         "check_empty_text": empty_text(row),
         "check_control_chars": control_chars(pairs),
         "check_chat_roles": chat_roles(row["messages"] or []) if row["format"] == "chat" else None,
+        "check_special_tokens": special_tokens(pairs, special),
         "check_pii_email": _first(pairs, pii.find_email, pii_allow),
         "check_pii_phone": _first(pairs, pii.find_phone, pii_allow),
         "check_pii_card": _first(pairs, pii.find_card, pii_allow),
@@ -105,6 +129,7 @@ CONTENT_CHECKS: tuple[str, ...] = (
     "check_empty_text",
     "check_control_chars",
     "check_chat_roles",
+    "check_special_tokens",
     "check_pii_email",
     "check_pii_phone",
     "check_pii_card",

@@ -68,6 +68,13 @@ _RULES = (
     Rule("control_chars", "row", "fail", "control characters other than tab and newline"),
     Rule("chat_roles", "row", "fail", "unknown role, or turns not system? then user/assistant alternating"),
     # Content of one record (default: set the row aside, keep going).
+    Rule(
+        "special_tokens",
+        "row",
+        "quarantine",
+        "text holding a special token of the base's tokenizer verbatim (</s>, a template's <|user|>, "
+        "a vision model's <image>): it would be read as that token, not as text",
+    ),
     Rule("max_tokens", "row", "quarantine", "the record is longer than the model's context, in tokens"),
     Rule("pii_email", "row", "quarantine", "an e-mail address"),
     Rule("pii_phone", "row", "quarantine", "a phone number"),

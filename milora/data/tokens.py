@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,16 @@ def image_tokens(model_dir: Path) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
+def special_tokens_of(tokenizer: Any) -> tuple[str, ...]:
+    """The texts ``tokenizer`` reads as special tokens rather than as text: its named ones
+    (BOS, EOS, padding, ...) and every added token marked special (a chat template's turn
+    markers, a vision model's image placeholder)."""
+    found = set(tokenizer.all_special_tokens)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found.update(token.content for token in added.values() if token.special)
+    return tuple(sorted(found))
+
+
 class TokenCounter:
     """Counts the tokens a record costs in training, with the tokenizer at ``path``."""
 
@@ -64,6 +75,7 @@ class TokenCounter:
         if is_vision_language(self.path):  # its template may render plain-text turns as nothing
             text_as_parts(self.tokenizer)
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.special_tokens = special_tokens_of(self.tokenizer)
         self.per_turn, self.fixed = self._template_cost()
         logger.info("tokenizer %s: %d tokens per turn, %d per record", self.path, self.per_turn, self.fixed)
 

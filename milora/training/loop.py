@@ -135,14 +135,18 @@ def is_main_process() -> bool:
 
 
 def last_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint that was fully written (Trainer writes its state file last)."""
+    """The newest checkpoint that was fully written: Trainer writes its state file last, then
+    :class:`_InitialFactorsInCheckpoints` the initial factors and, last, the manifest (a kill
+    between the two left a checkpoint that could not be resumed)."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
     complete = [
         (int(m.group(1)), p)
         for p in folder.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / "trainer_state.json").is_file()
+        if (m := _CHECKPOINT.match(p.name))
+        and (p / "trainer_state.json").is_file()
+        and (p / MANIFEST).is_file()
     ]
     return max(complete)[1] if complete else None
 

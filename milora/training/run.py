@@ -25,6 +25,7 @@ from milora.cache import DecompositionCache
 from milora.chain import ChampionStart, start_from_champion
 from milora.config import AdapterSpec
 from milora.conversion import merge_adapter
+from milora.data.images import image_digests
 from milora.errors import UserFacingError
 from milora.initialize import init_adapter
 from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY, START_WEIGHTS
@@ -102,6 +103,30 @@ def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
     return conversations
 
 
+def _with_image_content(conversations: Sequence[Sequence[Message]], root: Path) -> list[Sequence[Message]]:
+    """The conversations with each message's images as ``[path, sha256]`` pairs (messages
+    without images, and so every text-only key, unchanged)."""
+    out: list[Sequence[Message]] = []
+    for messages in conversations:
+        if not any(message.get(IMAGES) for message in messages):
+            out.append(messages)
+            continue
+        out.append(
+            [
+                {
+                    **m,
+                    IMAGES: [
+                        list(pair) for pair in zip(m[IMAGES], image_digests(m[IMAGES], root), strict=True)
+                    ],
+                }
+                if m.get(IMAGES)
+                else m
+                for m in messages
+            ]
+        )
+    return out
+
+
 class ImagesNeedVisionBaseError(ValueError, UserFacingError):
     """Image records given to a base model that cannot see images."""
 
@@ -120,8 +145,16 @@ def run_key(
     start: ChampionStart | None = None,
     serve_rank: int | None = None,
     dtype: str = "float32",
+    image_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, str]:
-    """What makes a run this run: resuming is only sound when all of it is unchanged."""
+    """What makes a run this run: resuming is only sound when all of it is unchanged.
+
+    With ``image_root`` (where the messages' image paths lie), an image counts by its content:
+    the same path holding another picture is other data.
+    """
+    if image_root is not None:
+        conversations = _with_image_content(conversations, Path(image_root))
+        replay = _with_image_content(replay, Path(image_root))
     content = [list(conversations), list(replay)] if replay else list(conversations)
     data = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
     # The patterns join only when set: the keys of runs without one stay as they were.
@@ -242,7 +275,15 @@ def run_training(
         )
     run_dir = Path(run_dir)
     key = run_key(
-        base_path, conversations, spec, config, replay, start=start, serve_rank=serve_rank, dtype=dtype
+        base_path,
+        conversations,
+        spec,
+        config,
+        replay,
+        start=start,
+        serve_rank=serve_rank,
+        dtype=dtype,
+        image_root=image_root,
     )
     _claim_run_dir(run_dir, key, restart)
     _barrier()
