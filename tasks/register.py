@@ -619,19 +619,34 @@ def promote(
 
 def _unloadable(registry: Registry, version: Version) -> str | None:
     """Why the version's served adapter, as the registry holds it, would not load on its base
-    (None: it would). Checked before the champion alias may move to it."""
+    (None: it would): the run's copy (what the pipeline downloads) and the one inside its
+    pyfunc model (what ``mlflow.pyfunc.load_model("models:/...@champion")`` reads). Checked
+    before the champion alias may move to it."""
     from milora.adapter_io import loadable_problems
+    from tasks.serving_model import ADAPTER_ARTIFACT
 
+    base = version.tags.get("base_model", "")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = registry.download(version.run_id, SERVED_ADAPTER, tmp)
+            folder = registry.download(version.run_id, SERVED_ADAPTER, Path(tmp) / "run")
         except Exception as error:  # MLflow's own error types for missing artifacts
             return f"its {SERVED_ADAPTER}/ artifacts cannot be read ({error})"
         problems = [
             problem.replace(str(folder), f"{SERVED_ADAPTER}/ of run {version.run_id}")
-            for problem in loadable_problems(folder, version.tags.get("base_model", ""))
+            for problem in loadable_problems(folder, base)
         ]
-    return "not loadable: " + "; ".join(problems[:3]) if problems else None
+        if problems:
+            return "not loadable: " + "; ".join(problems[:3])
+        try:
+            served = registry.download_model_artifact(version, ADAPTER_ARTIFACT, Path(tmp) / "pyfunc")
+        except Exception as error:
+            return f"its pyfunc model's files cannot be read ({error})"
+        if served is not None:
+            problems = [
+                problem.replace(str(served), f"the pyfunc model's {ADAPTER_ARTIFACT} artifact")
+                for problem in loadable_problems(served, base)
+            ]
+    return "pyfunc model not loadable: " + "; ".join(problems[:3]) if problems else None
 
 
 def champion_problem(settings: Settings) -> str | None:

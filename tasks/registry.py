@@ -520,6 +520,31 @@ class Registry:
             )
         )
 
+    def download_model_artifact(
+        self, version: Version, name: str, into: str | os.PathLike[str]
+    ) -> Path | None:
+        """Artifact ``name`` of the version's pyfunc model, where ``mlflow.pyfunc.load_model``
+        would read it (the path its ``MLmodel`` gives); None for a version registered without
+        a logged model. Raises when the model's files cannot be read."""
+        from mlflow.artifacts import download_artifacts
+        from mlflow.models import Model
+
+        if not version.source or version.source.startswith("runs:/"):
+            return None
+        source = version.source.rstrip("/")
+        mlmodel = download_artifacts(
+            artifact_uri=f"{source}/MLmodel", dst_path=str(Path(into) / "meta"), tracking_uri=self.uri
+        )
+        flavor = Model.load(mlmodel).flavors.get("python_function") or {}
+        relative = (flavor.get("artifacts") or {}).get(name, {}).get("path")
+        if not relative:
+            raise RegistryError(f"the MLmodel of version {version.number} names no {name!r} artifact")
+        return Path(
+            download_artifacts(
+                artifact_uri=f"{source}/{relative}", dst_path=str(Path(into) / "model"), tracking_uri=self.uri
+            )
+        )
+
     # ----------------------------------------------------------------------- writes
     @contextlib.contextmanager
     def new_run(self, run_name: str, tags: Mapping[str, str]) -> Iterator[RunWriter]:

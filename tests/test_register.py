@@ -589,6 +589,27 @@ def test_a_version_that_would_not_load_never_becomes_champion(model, tmp_path):
     assert alias(client, name, "champion") == "3"
 
 
+def test_a_version_whose_pyfunc_model_would_not_load_never_becomes_champion(model, tmp_path):
+    """The run's adapter is whole but the copy inside the logged pyfunc model (what
+    ``mlflow.pyfunc.load_model("models:/...@champion")`` reads) is damaged: the gate fails it."""
+    from urllib.parse import urlparse
+
+    client = client_of(model)
+    name = model.registry.model_name
+    first = reg.register(with_metrics(model, tmp_path / "v1", company__score=0.4), lineage(1))
+    assert reg.promote(model, first["version"])["decision"] == "promoted"
+    second = reg.register(with_metrics(model, tmp_path / "v2", company__score=0.9), lineage(2))
+    source = client.get_model_version(name, second["version"]).source
+    (weights,) = Path(urlparse(source).path).rglob("adapter_model.safetensors")
+    assert "artifacts" in weights.parts
+    weights.write_bytes(weights.read_bytes()[:4000])
+    decision = reg.promote(model, second["version"])
+    assert decision["decision"] == "rejected" and alias(client, name, "champion") == "1"
+    (reason,) = decision["reasons"]
+    assert reason.startswith("pyfunc model not loadable:") and reason.endswith("FAILED"), reason
+    assert "the pyfunc model's adapter artifact" in reason and str(tmp_path) not in reason
+
+
 def test_a_store_that_lost_its_champion_is_never_a_first_model(model, tmp_path):
     """The model emptied from the store after this project promoted a champion in it (its run
     record says so): the next promotion is an error, not "first model", until --new-registry."""
