@@ -8,6 +8,7 @@ index, read as text: nothing is unpickled, nothing imports torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Sequence
@@ -60,12 +61,29 @@ def loaded_names(folder: Path) -> dict[str, str]:
     ``language_model.model.layers.0``, the loaded model ``model.language_model.layers.0``);
     then transformers' own renaming decides, on the model built on the meta device (no
     weight is read, torch is imported only then)."""
+    return checkpoint_layout(folder)[0]
+
+
+def checkpoint_layout(folder: Path) -> tuple[dict[str, str], frozenset[str]]:
+    """:func:`loaded_names`, and the checkpoint tensors transformers does more to than rename
+    (a converter: mixture-of-experts weights fused into one), whose values are not the loaded
+    model's one for one."""
+    folder = Path(folder)
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors*"))]
+    stamp = tuple((path.name, path.stat().st_mtime_ns) for path in files if path.is_file())
+    names, converted = _layout(str(folder.resolve()), stamp)
+    return dict(names), converted
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(folder_text: str, stamp: tuple) -> tuple[dict[str, str], frozenset[str]]:
+    folder = Path(folder_text)
     names = sorted(tensor_names(folder))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     # Sub-models bring their own renamings (Qwen2-VL's language model), which the registry
     # of the top model type does not list: a vision-language base always asks the model.
     if not renamed_on_load(str(config.get("model_type", ""))) and "vision_config" not in config:
-        return {name: name for name in names}
+        return {name: name for name in names}, frozenset()
     import torch
     from transformers import AutoConfig
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -79,10 +97,13 @@ def loaded_names(folder: Path) -> dict[str, str]:
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    return {
-        name: rename_source_key(name, renamings, converters, model.base_model_prefix, meta)[0]
-        for name in names
-    }
+    renamed, converted = {}, set()
+    for name in names:
+        loaded, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        renamed[name] = loaded
+        if converter is not None:
+            converted.add(name)
+    return renamed, frozenset(converted)
 
 
 def base_model_problems(

@@ -12,7 +12,13 @@ decomposition), whatever the model's size.
 
 Only methods initialised from the spectrum (milora, pissa) and ``nn.Linear`` targets
 (weights stored out x in, as LLaMA, Mistral, Qwen2 keep them) are streamed; GPT-2's Conv1D
-and plain LoRA's random start go through :func:`milora.init_adapter`.
+and plain LoRA's random start go through :func:`milora.init_adapter`. Where transformers
+renames a checkpoint's keys on load (LLaVA: ``language_model.model.layers.0`` becomes
+``model.language_model.layers.0``), the adapter names the loaded model's modules, through
+transformers' own renaming run on the model built on the meta device
+(:func:`milora.preflight.checkpoint_layout`); a vision-language model's vision tower and
+projector are left out unless a target names them, as :func:`milora.init_adapter` leaves
+them out. Weights transformers converts on load (fused experts) are not streamed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,9 +47,9 @@ from milora.initialize import (
 )
 from milora.layout import INITIAL_DIR, MANIFEST
 from milora.methods import INIT_METHODS
-from milora.preflight import renamed_on_load
+from milora.preflight import checkpoint_layout, renamed_on_load
 from milora.sharding import share_out, world
-from milora.targets import TargetError, matches
+from milora.targets import TargetError, exclude_pattern, excluded, matches, part_of
 
 logger = logging.getLogger(__name__)
 
@@ -62,42 +69,69 @@ def checkpoint_files(base_dir: str | os.PathLike[str]) -> list[Path]:
     raise FileNotFoundError(f"{base}: no {SINGLE} or {INDEX} (a safetensors checkpoint is needed)")
 
 
-def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...]) -> dict[str, Path]:
-    """``{module name: shard}`` of every 2-D ``<module>.weight`` whose last name is a target,
-    read from the shards' headers only; every target must name at least one (the error lists
-    the names that would)."""
-    found: dict[str, Path] = {}
+@dataclass(frozen=True)
+class StreamedTargets:
+    """The matrices a streamed init decomposes: ``{module name: (checkpoint tensor, shard)}``,
+    module names as the loaded model names them (what the adapter's keys must say), and
+    PEFT's ``exclude_modules`` for a vision-language model's vision parts."""
+
+    sources: dict[str, tuple[str, Path]]
+    exclude: str | None = None
+
+
+def streamed_targets(base_dir: str | os.PathLike[str], targets: tuple[str, ...]) -> StreamedTargets:
+    """Every 2-D ``<module>.weight`` whose module a target matches (PEFT's rule, on the name
+    the loaded model gives it: transformers' renaming of LLaVA's keys applied), read from the
+    shards' headers only. On a vision-language model the vision tower and projector are left
+    out unless a target names them, as :func:`milora.init_adapter` leaves them out. Every
+    target must name at least one matrix (the error lists the names that would); a matrix
+    transformers converts on load (fused experts) cannot be streamed."""
+    names, converted = checkpoint_layout(Path(base_dir))
+    parts = {part for name in names.values() if (part := part_of(name)) is not None}
+    exclude = exclude_pattern(parts, targets)
+    found: dict[str, tuple[str, Path]] = {}
     adaptable: set[str] = set()
     for shard in checkpoint_files(base_dir):
         with safe_open(str(shard), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                module, _, leaf = key.rpartition(".")
+                module, _, leaf = names.get(key, key).rpartition(".")
                 if leaf != "weight" or len(handle.get_slice(key).get_shape()) != 2:
                     continue
                 name = module.rpartition(".")[2]
                 if "embed" not in name:  # embeddings are 2-D but not linear layers
                     adaptable.add(name)
-                if matches(module, targets):  # PEFT's rule, as init_adapter applies it
-                    found[module] = shard
+                if matches(module, targets) and not excluded(module, exclude):
+                    if key in converted:
+                        raise TargetError(
+                            f"{key}: transformers converts this weight when it loads it (not only renames "
+                            "it), so the checkpoint's matrix is not the loaded layer's; use milora.init_adapter"
+                        )
+                    found[module] = (key, shard)
     missing = [t for t in targets if not any(matches(m, (t,)) for m in found)]
     if missing:
+        where = "the language model's" if parts else "the model's"
         raise TargetError(
-            f"target modules {missing} not found among the model's linear layers; "
+            f"target modules {missing} not found among {where} linear layers; "
             f"adaptable names are {sorted(adaptable)} ({base_dir})"
         )
-    return dict(sorted(found.items()))
+    return StreamedTargets(dict(sorted(found.items())), exclude)
 
 
-def weight_shapes(weights: dict[str, Path]) -> dict[str, tuple[int, int]]:
-    """``{module name: (out, in)}`` of :func:`target_weights`' matrices, from the headers."""
+def target_weights(base_dir: str | os.PathLike[str], targets: tuple[str, ...]) -> dict[str, Path]:
+    """``{module name: shard}`` of :func:`streamed_targets`."""
+    return {name: shard for name, (_, shard) in streamed_targets(base_dir, targets).sources.items()}
+
+
+def weight_shapes(sources: dict[str, tuple[str, Path]]) -> dict[str, tuple[int, int]]:
+    """``{module name: (out, in)}`` of :class:`StreamedTargets` matrices, from the headers."""
     shapes: dict[str, tuple[int, int]] = {}
-    for shard in sorted(set(weights.values())):
+    for shard in sorted({shard for _, shard in sources.values()}):
         with safe_open(str(shard), framework="pt") as handle:
-            for name, found in weights.items():
+            for name, (key, found) in sources.items():
                 if found == shard:
-                    rows, cols = handle.get_slice(f"{name}.weight").get_shape()
+                    rows, cols = handle.get_slice(key).get_shape()
                     shapes[name] = (rows, cols)
-    return {name: shapes[name] for name in weights}
+    return {name: shapes[name] for name in sources}
 
 
 def check_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]]) -> None:
@@ -123,19 +157,18 @@ def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str
     config_path = Path(base_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     model_type = config.get("model_type")
-    if "vision_config" in config:
-        return (
-            f"{model_type or 'this model'} is a vision-language model: which layers are its language "
-            "model's (the vision tower and projector are left out) is resolved on the loaded model"
-        )
     if model_type in CONV1D_MODELS:
         return f"{model_type} stores its weights as Conv1D"
-    if model_type and renamed_on_load(model_type):
-        return f"transformers renames {model_type}'s checkpoint weights when it loads them"
     try:
         checkpoint_files(base_dir)
     except FileNotFoundError as error:
         return str(error)
+    if (model_type and renamed_on_load(model_type)) or "vision_config" in config:
+        try:  # names transformers changes on load: streamed only where it merely renames them
+            streamed_targets(base_dir, spec.target_modules)
+        except TargetError as error:
+            if "converts this weight" in str(error):
+                return str(error)
     return None
 
 
@@ -165,13 +198,14 @@ def init_streamed(
     components = components_source(spec, cache, _compute_device(device))
     hits = cache.hits if cache is not None else 0
     state = InitialFactors(spec=spec, fan_in_fan_out=False)
-    weights = target_weights(base_dir, spec.target_modules)
-    shapes = weight_shapes(weights)
+    targets = streamed_targets(base_dir, spec.target_modules)
+    shapes = weight_shapes(targets.sources)
     check_shapes(spec, shapes)
 
     def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with safe_open(str(weights[name]), framework="pt") as handle:
-            weight = handle.get_tensor(f"{name}.weight")
+        key, shard = targets.sources[name]
+        with safe_open(str(shard), framework="pt") as handle:
+            weight = handle.get_tensor(key)
         return method.init(weight, spec.for_layer(name), components)
 
     shared = share_out(
@@ -186,7 +220,7 @@ def init_streamed(
         adapter[key_a], adapter[key_b] = A0, B0
     state.seconds = time.perf_counter() - started
     state.cache_hits = (cache.hits - hits) if cache is not None else 0
-    config = lora_config(spec, fan_in_fan_out=False)
+    config = lora_config(spec, fan_in_fan_out=False, exclude=targets.exclude)
     config.base_model_name_or_path = base_model or str(base_dir)
     config.inference_mode = True  # as PEFT saves it
     # As PEFT's save_pretrained writes it: sets (target_modules) as lists.
@@ -208,7 +242,7 @@ def init_streamed(
     logger.info(
         "%s init of %d matrices (r=%d) streamed from %s in %.2f s, %d from cache -> %s",
         spec.method,
-        len(weights),
+        len(targets.sources),
         spec.r,
         base_dir,
         state.seconds,

@@ -78,8 +78,14 @@ def exclude_modules(model: nn.Module, targets: tuple[str, ...] | str) -> str | N
     adapts the language model's q_proj and that one vision layer. A pattern that contains a
     part's name decides that part's layers itself.
     """
+    return exclude_pattern(model_parts(model), targets)
+
+
+def exclude_pattern(parts: set[str], targets: tuple[str, ...] | str) -> str | None:
+    """:func:`exclude_modules` for a model with these :data:`VISION_PARTS` (known from its
+    module names alone, as the streamed init knows them)."""
     rules = []
-    for part in sorted(model_parts(model)):
+    for part in sorted(parts):
         inside = rf"(?:.*\.)?{re.escape(part)}\..*"
         if isinstance(targets, str):
             if part not in targets:

@@ -349,10 +349,11 @@ class RunWriter:
         from mlflow.entities import LoggedModelOutput
         from mlflow.models import Model, ModelSignature
         from mlflow.pyfunc import save_model
-        from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+        from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+        from mlflow.types.schema import Array
 
         import milora
-        from tasks.serving_model import ADAPTER_ARTIFACT
+        from tasks.serving_model import ADAPTER_ARTIFACT, IMAGES_COLUMN, PROMPT_COLUMN
 
         logged = self.client.create_logged_model(
             self.experiment_id, name=SERVING_MODEL, source_run_id=self.run_id
@@ -366,7 +367,13 @@ class RunWriter:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, target)
                 signature = ModelSignature(
-                    inputs=Schema([ColSpec("string", "prompt")]),
+                    inputs=Schema(
+                        [
+                            ColSpec("string", PROMPT_COLUMN),
+                            # base64 pictures, read by a vision-language base only
+                            ColSpec(Array(DataType.string), IMAGES_COLUMN, required=False),
+                        ]
+                    ),
                     outputs=Schema([ColSpec("string")]),
                     params=ParamSchema(
                         [

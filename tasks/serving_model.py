@@ -11,11 +11,17 @@ offline, safetensors only, no remote code), ``max_new_tokens``, ``batch_size``, 
 ``device`` (null: CUDA when present). ``predict`` takes a DataFrame with a ``prompt`` column
 (the signature MLflow enforces), renders each prompt as a user turn through the tokenizer's
 chat template, as in training, and returns the greedy answers (``params={"max_new_tokens": N}``
-sets their length).
+sets their length). On a vision-language base, an optional ``images`` column gives each
+prompt's pictures as base64 text (or ``data:`` URIs), never paths: a served model does not
+read the server's files at a request's word. They go through the model's processor, as in
+training; a text model given images says so.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -29,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"  # key of the served adapter folder in the model's artifacts
 PROMPT_COLUMN = "prompt"
+IMAGES_COLUMN = "images"  # optional: each row's pictures, base64
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -46,6 +53,39 @@ def _prompts(model_input: Any) -> list[str]:
     return prompts
 
 
+def _images(model_input: Any, rows: int) -> list[list[Any]]:
+    """Each row's pictures from the ``images`` column (a base64 text, a list of them, or
+    nothing), decoded: a row and picture that do not decode are named."""
+    from PIL import Image
+
+    if not isinstance(model_input, pd.DataFrame) or IMAGES_COLUMN not in model_input.columns:
+        return [[] for _ in range(rows)]
+    decoded: list[list[Any]] = []
+    for row, cell in enumerate(model_input[IMAGES_COLUMN]):
+        texts = [cell] if isinstance(cell, str) else [] if cell is None or _missing(cell) else list(cell)
+        pictures = []
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"row {row}, image {index}: base64 text expected, got {type(text).__name__}")
+            payload = text.split(",", 1)[1] if text.startswith("data:") else text
+            try:
+                image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+                image.load()
+            except (binascii.Error, ValueError, OSError) as error:
+                raise ValueError(
+                    f"row {row}, image {index} is not a base64-encoded picture ({error}); "
+                    "send the image file's bytes in base64"
+                ) from None
+            pictures.append(image)
+        decoded.append(pictures)
+    return decoded
+
+
+def _missing(cell: Any) -> bool:
+    """A cell pandas fills when a row gives no images (NaN)."""
+    return isinstance(cell, float) and cell != cell
+
+
 class AdapterOnStockBase(PythonModel):
     """Greedy chat answers from the base model named in ``model_config`` plus the logged adapter."""
 
@@ -58,7 +98,7 @@ class AdapterOnStockBase(PythonModel):
         for key, value in OFFLINE_ENV.items():  # never reach a model hub or telemetry endpoint
             os.environ.setdefault(key, value)
         from milora.adapter_io import load_adapter
-        from milora.modeling import load_base_model, load_tokenizer
+        from milora.modeling import is_vision_language, load_base_model, load_processor, load_tokenizer
 
         config: Mapping[str, Any] = context.model_config or {}
         base = config.get("base_model")
@@ -67,7 +107,8 @@ class AdapterOnStockBase(PythonModel):
             raise ValueError(f"model_config lacks {missing} (base_model: the base model folder)")
         device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         self.config = dict(config)
-        self.tokenizer = load_tokenizer(base)
+        self.processor = load_processor(base) if is_vision_language(base) else None
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else load_tokenizer(base)
         model = load_base_model(base, dtype=str(config.get("dtype", "float32")), device=device)
         self.model = load_adapter(model, context.artifacts[ADAPTER_ARTIFACT])
         self.model.eval()
@@ -78,13 +119,29 @@ class AdapterOnStockBase(PythonModel):
     ) -> list[str]:
         """One answer per prompt; ``params["max_new_tokens"]`` overrides the configured length."""
         from milora.evaluation.generation import greedy_generate
+        from milora.training import multimodal
         from milora.training.examples import prompt_text
 
         prompts = _prompts(model_input)
         if not prompts:
             return []
+        images = _images(model_input, len(prompts))
         limit = (params or {}).get("max_new_tokens") or self.config["max_new_tokens"]
-        rendered = [prompt_text(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        if self.processor is None:
+            pictured = [row for row, pictures in enumerate(images) if pictures]
+            if pictured:
+                raise ValueError(
+                    f"this model reads text only ({self.config['base_model']} is not a vision-language "
+                    f"model): rows {pictured[:5]} carry images"
+                )
+            rendered = [prompt_text(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        else:
+            rendered = [
+                multimodal.prompt_text(
+                    self.processor, [{"role": "user", "content": p, multimodal.IMAGES: pictures}]
+                )
+                for p, pictures in zip(prompts, images, strict=True)
+            ]
         return greedy_generate(
             self.model,
             self.tokenizer,
@@ -92,6 +149,8 @@ class AdapterOnStockBase(PythonModel):
             max_new_tokens=int(limit),
             batch_size=int(self.config.get("batch_size", 8)),
             first_line=False,
+            images=images if self.processor is not None else None,
+            processor=self.processor,
         )
 
 

@@ -8,6 +8,8 @@ store of the module, so tests do not see each other's versions and aliases.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from conftest import stage_settings
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from PIL import Image
 
 from milora.layout import SERVED_ADAPTER, adapter_digest
 from milora.settings import Settings
@@ -352,6 +355,14 @@ def test_the_champion_loads_with_mlflow_pyfunc_and_answers_as_peft_does(model, m
     assert len(longer) == 2 and all(a.startswith(b) for a, b in zip(longer, answers, strict=True))
     with pytest.raises(Exception, match="prompt"):
         by_number.predict(pd.DataFrame({"question": prompts}))
+    # A picture passes MLflow's signature (an optional images column) but not a text model.
+    picture = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(picture, format="PNG")
+    pictured = pd.DataFrame(
+        {"prompt": prompts, "images": [[], [base64.b64encode(picture.getvalue()).decode()]]}
+    )
+    with pytest.raises(Exception, match=r"reads text only .*rows \[1\] carry images"):
+        by_number.predict(pictured)
 
 
 # --------------------------------------------------------------------------- gate

@@ -198,12 +198,37 @@ def test_a_bad_target_lists_the_parts(llava_dir, targets):
     assert "model.vision_tower.encoder.layers.0" in message  # a name that would adapt it
 
 
-def test_streamed_init_refuses_a_vision_language_model(llava_dir, tmp_path):
-    spec = AdapterSpec(method="milora", r=4)
-    reason = why_not_streamed(llava_dir, spec)
-    assert reason is not None and "vision-language" in reason
-    with pytest.raises(ValueError, match="vision-language"):
-        init_streamed(llava_dir, spec, tmp_path / "adapter", progress=False)
+@pytest.mark.parametrize(
+    "targets",
+    [AdapterSpec().target_modules, ("q_proj", "vision_tower.encoder.layers.0.self_attn.q_proj")],
+)
+def test_streamed_init_writes_the_loaded_init_adapter(llava_dir, inputs, tmp_path, targets):
+    """From the checkpoint's shards, under the loaded model's names (transformers' renaming of
+    LLaVA's keys), the vision parts left out unless named: the loaded init's adapter exactly."""
+    from safetensors.torch import load_file
+
+    spec = AdapterSpec(method="milora", r=4, target_modules=targets)
+    assert why_not_streamed(llava_dir, spec) is None
+    init_streamed(llava_dir, spec, tmp_path / "streamed", progress=False)
+    loaded = init_adapter(load_base_model(llava_dir), spec, progress=False)
+    save_adapter(loaded, tmp_path / "loaded")
+    streamed = load_file(tmp_path / "streamed" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "loaded" / "adapter_model.safetensors")
+    assert streamed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(streamed[key], expected[key], rtol=0, atol=0)
+    config = json.loads((tmp_path / "streamed" / "adapter_config.json").read_text())
+    assert (
+        config["exclude_modules"]
+        == json.loads((tmp_path / "loaded" / "adapter_config.json").read_text())["exclude_modules"]
+    )
+    vision = [k for k in streamed if any(part in k for part in VISION)]
+    named_vision = any("vision_tower" in t for t in targets)
+    assert len(vision) == (2 if named_vision else 0)  # that one vision layer's A and B, if named
+    base = load_base_model(llava_dir)
+    reference = vlm_logits(base, inputs)
+    model = load_adapter(base, tmp_path / "streamed")
+    assert (vlm_logits(model, inputs) - reference).abs().max().item() < 1e-5
 
 
 def test_a_few_training_steps_on_image_and_text(llava_dir, inputs, tmp_path):
@@ -452,3 +477,50 @@ def test_a_run_is_keyed_by_its_images_content_not_their_paths(tmp_path):
     colour_image(tmp_path / "img" / "red.png", "red", seed=1)  # another shot under the same name
     assert data_key(pictured) != before
     assert pictured[0][0]["images"] == ["img/red.png"]  # the conversations themselves untouched
+
+
+def test_the_registered_model_answers_about_base64_pictures_as_evaluation_does(vlm_dir, photos, tmp_path):
+    """The pyfunc model (tasks.serving_model) on a VLM: pictures sent as base64 go through the
+    processor exactly as an image suite's files do; a picture that does not decode is named."""
+    import base64
+
+    import pandas as pd
+    from mlflow.pyfunc import PythonModelContext
+
+    from milora.chain import write_served
+    from milora.evaluation.generation import greedy_generate
+    from milora.training import multimodal
+    from tasks.serving_model import AdapterOnStockBase
+
+    model = init_adapter(load_base_model(vlm_dir), method="milora", r=4)
+    pretend_training(model, seed=3, size=1.0)
+    save_adapter(model, tmp_path / "raw")
+    write_served(tmp_path / "raw", tmp_path / "served")
+    served = AdapterOnStockBase()
+    config = {"base_model": vlm_dir, "max_new_tokens": 5}
+    served.load_context(PythonModelContext({"adapter": str(tmp_path / "served")}, config))
+
+    questions = ["What colour is this product?", "And these two?", "Where is order 3?"]
+    files = [[photos / "img/red.png"], [photos / "img/blue.png", photos / "img/green.png"], []]
+    sent = [[base64.b64encode(p.read_bytes()).decode() for p in row] for row in files]
+    sent[1][0] = "data:image/png;base64," + sent[1][0]  # a data URI is taken too
+    answers = served.predict(None, pd.DataFrame({"prompt": questions, "images": [*sent[:2], None]}))
+
+    processor = load_processor(vlm_dir)
+    tuned = load_adapter(load_base_model(vlm_dir), tmp_path / "served")
+    prompts = [
+        multimodal.prompt_text(processor, [{"role": "user", "content": q, multimodal.IMAGES: row}])
+        for q, row in zip(questions, files, strict=True)
+    ]
+    expected = greedy_generate(
+        tuned,
+        processor.tokenizer,
+        prompts,
+        max_new_tokens=5,
+        first_line=False,
+        images=files,
+        processor=processor,
+    )
+    assert answers == expected and len(answers) == 3
+    with pytest.raises(ValueError, match="row 1, image 0 is not a base64-encoded picture"):
+        served.predict(None, pd.DataFrame({"prompt": ["a", "b"], "images": [None, ["not base64!"]]}))

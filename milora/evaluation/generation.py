@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +29,7 @@ def greedy_generate(
     first_line: bool = True,
     stop: Sequence[str] = (),
     progress: bool = False,
-    images: Sequence[Sequence[str | os.PathLike[str]]] | None = None,
+    images: Sequence[Sequence[Any]] | None = None,
     processor: Any = None,
 ) -> list[str]:
     """Greedy continuations (no sampling, fixed max tokens); optionally cut at a newline.
@@ -38,7 +37,7 @@ def greedy_generate(
     ``stop``: strings that end a continuation (generation stops there; the text is cut
     before them), as lm-evaluation-harness's ``until``. ``add_special_tokens``: None decides
     as training did (:func:`~milora.training.examples.special_tokens_wanted`). ``images``: each prompt's image
-    files, turned into model inputs with the prompts by a vision-language ``processor``
+    files (or opened PIL images), turned into model inputs with the prompts by a vision-language ``processor``
     (``tokenizer`` is then the processor's)."""
     stopping = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     side = tokenizer.padding_side

@@ -52,12 +52,15 @@ def content_parts(messages: Sequence[Message]) -> list[dict[str, Any]]:
     ]
 
 
-def open_images(paths: Iterable[str | os.PathLike[str]]) -> list[Any]:
-    """The images at ``paths``, decoded as RGB."""
+def open_images(paths: Iterable[Any]) -> list[Any]:
+    """The images at ``paths`` (or already opened PIL images), decoded as RGB."""
     from PIL import Image, ImageOps
 
     images = []
     for path in paths:
+        if isinstance(path, Image.Image):
+            images.append(ImageOps.exif_transpose(path).convert("RGB"))
+            continue
         try:
             with Image.open(path) as image:  # upright, as transformers' image loading serves it
                 images.append(ImageOps.exif_transpose(image).convert("RGB"))
