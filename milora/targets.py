@@ -1,10 +1,10 @@
 """Finding and vetting the layers an adapter will wrap.
 
 On a vision-language model (LLaVA-style: ``model.language_model``, ``model.vision_tower``,
-``model.multi_modal_projector``) only the language model is adapted by default: the vision
-tower and the projector are left out through PEFT's own ``exclude_modules``
-(:func:`exclude_modules`) unless a target names them (a full or dotted name containing
-``vision_tower`` / ``multi_modal_projector``, or a pattern that does). :func:`find_targets`
+``model.multi_modal_projector``; the other names in :data:`VISION_PARTS`) only the language
+model is adapted by default: the vision tower and the projector are left out through PEFT's
+own ``exclude_modules`` (:func:`exclude_modules`) unless a target names them (a full or
+dotted name containing the part's name, or a pattern that does). :func:`find_targets`
 applies the same exclusion, by PEFT's rule, so it lists exactly the layers PEFT wraps.
 """
 
@@ -53,7 +53,16 @@ def matches(name: str, targets: tuple[str, ...] | str) -> bool:
 
 
 # Parts of a vision-language model adapted only when a target names them, with their labels.
-VISION_PARTS: dict[str, str] = {"vision_tower": "vision tower", "multi_modal_projector": "projector"}
+# LLaVA, LLaVA-NeXT, PaliGemma, Gemma 3: vision_tower + multi_modal_projector; Qwen2-VL and
+# Qwen2.5-VL: visual (its merger inside; its MLP layers are named up_proj/down_proj too);
+# Idefics3, SmolVLM, Mllama: vision_model (+ connector).
+VISION_PARTS: dict[str, str] = {
+    "vision_tower": "vision tower",
+    "visual": "vision tower",
+    "vision_model": "vision tower",
+    "multi_modal_projector": "projector",
+    "connector": "projector",
+}
 LANGUAGE_MODEL = "language model"
 
 
@@ -182,6 +191,6 @@ def _adaptable(model: nn.Module) -> str:
         "adaptable names are, by part, "
         + "; ".join(said)
         + " (the vision tower and projector are adapted only when a target names them: a full or "
-        "dotted name containing 'vision_tower' / 'multi_modal_projector', or a pattern such as "
+        "dotted name containing the part's name in parentheses, or a pattern such as "
         "r'.*vision_tower.*\\.q_proj')"
     )

@@ -524,3 +524,54 @@ def test_the_registered_model_answers_about_base64_pictures_as_evaluation_does(v
     assert answers == expected and len(answers) == 3
     with pytest.raises(ValueError, match="row 1, image 0 is not a base64-encoded picture"):
         served.predict(None, pd.DataFrame({"prompt": ["a", "b"], "images": [None, ["not base64!"]]}))
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Qwen2.5-VL (random weights): its vision tower is ``model.visual`` and its MLP
+    layers are named up_proj / down_proj, as the language model's are."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    text |= {
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]},
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 32}
+    vision |= {"fullatt_block_indexes": [1], "window_size": 56}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    path = tmp_path_factory.mktemp("qwen-vl") / "tiny-qwen2.5-vl"
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_a_qwen_vl_vision_tower_stays_out_though_its_layers_share_the_targets_names(qwen_vl_dir, tmp_path):
+    """Qwen2.5-VL's vision blocks have up_proj / down_proj: the default targets must still
+    adapt the language model only, loaded or streamed, and the init is exact on text."""
+    from safetensors.torch import load_file
+
+    base = load_base_model(qwen_vl_dir)
+    ids = {"input_ids": torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))}
+    reference = vlm_logits(base, ids)
+    model = init_adapter(base, method="milora", r=4, progress=False)
+    wrapped = set(lora_layers(model))
+    assert wrapped and all(".language_model." in name for name in wrapped), sorted(wrapped)
+    assert len(wrapped) == 2 * 5
+    assert (vlm_logits(model, ids) - reference).abs().max().item() < 1e-5
+    save_adapter(model, tmp_path / "loaded")
+    init_streamed(qwen_vl_dir, AdapterSpec(method="milora", r=4), tmp_path / "streamed", progress=False)
+    streamed = load_file(tmp_path / "streamed" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "loaded" / "adapter_model.safetensors")
+    assert streamed.keys() == expected.keys() and not any(".visual." in key for key in streamed)
+    # Named, a vision layer is adapted.
+    named = init_adapter(
+        load_base_model(qwen_vl_dir),
+        method="milora",
+        r=4,
+        target_modules=("q_proj", "visual.blocks.0.mlp.up_proj"),
+        progress=False,
+    )
+    assert {n for n in lora_layers(named) if ".visual." in n} == {"model.visual.blocks.0.mlp.up_proj"}
