@@ -70,7 +70,11 @@ def checkpoint_layout(folder: Path) -> tuple[dict[str, str], frozenset[str]]:
     model's one for one."""
     folder = Path(folder)
     files = [folder / "config.json", *sorted(folder.glob("*.safetensors*"))]
-    stamp = tuple((path.name, path.stat().st_mtime_ns) for path in files if path.is_file())
+    stamp = tuple(
+        (path.name, found.st_mtime_ns, found.st_size, found.st_ino)
+        for path in files
+        if path.is_file() and (found := path.stat())
+    )
     names, converted = _layout(str(folder.resolve()), stamp)
     return dict(names), converted
 
@@ -92,7 +96,9 @@ def _layout(folder_text: str, stamp: tuple) -> tuple[dict[str, str], frozenset[s
     from milora.modeling import AUTO_CLASSES, model_kind
 
     with torch.device("meta"):
-        model = AUTO_CLASSES[model_kind(config)].from_config(AutoConfig.from_pretrained(folder))
+        model = AUTO_CLASSES[model_kind(config)].from_config(
+            AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        )
     meta = model.state_dict()
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]

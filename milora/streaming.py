@@ -98,13 +98,13 @@ def streamed_targets(base_dir: str | os.PathLike[str], targets: tuple[str, ...])
                 if leaf != "weight" or len(handle.get_slice(key).get_shape()) != 2:
                     continue
                 name = module.rpartition(".")[2]
-                if "embed" not in name:  # embeddings are 2-D but not linear layers
+                if "embed" not in name and not excluded(module, exclude):  # embeddings: 2-D, not linear
                     adaptable.add(name)
                 if matches(module, targets) and not excluded(module, exclude):
                     if key in converted:
                         raise TargetError(
                             f"{key}: transformers converts this weight when it loads it (not only renames "
-                            "it), so the checkpoint's matrix is not the loaded layer's; use milora.init_adapter"
+                            "it), so the checkpoint's matrix is not the loaded layer's"
                         )
                     found[module] = (key, shard)
     missing = [t for t in targets if not any(matches(m, (t,)) for m in found)]
@@ -164,11 +164,15 @@ def why_not_streamed(base_dir: str | os.PathLike[str], spec: AdapterSpec) -> str
     except FileNotFoundError as error:
         return str(error)
     if (model_type and renamed_on_load(model_type)) or "vision_config" in config:
+        if "auto_map" in config:
+            return f"{model_type or 'this model'} brings its own code: its layer names come from the loaded model"
         try:  # names transformers changes on load: streamed only where it merely renames them
             streamed_targets(base_dir, spec.target_modules)
         except TargetError as error:
             if "converts this weight" in str(error):
                 return str(error)
+        except Exception as error:  # a model type this transformers cannot build
+            return f"its loaded names could not be worked out ({type(error).__name__}: {error})"
     return None
 
 

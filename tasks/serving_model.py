@@ -12,7 +12,7 @@ offline, safetensors only, no remote code), ``max_new_tokens``, ``batch_size``, 
 (the signature MLflow enforces), renders each prompt as a user turn through the tokenizer's
 chat template, as in training, and returns the greedy answers (``params={"max_new_tokens": N}``
 sets their length). On a vision-language base, an optional ``images`` column gives each
-prompt's pictures as base64 text (or ``data:`` URIs), never paths: a served model does not
+prompt's pictures as a list of base64 texts (or ``data:`` URIs), never paths: a served model does not
 read the server's files at a request's word. They go through the model's processor, as in
 training; a text model given images says so.
 """
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 ADAPTER_ARTIFACT = "adapter"  # key of the served adapter folder in the model's artifacts
 PROMPT_COLUMN = "prompt"
 IMAGES_COLUMN = "images"  # optional: each row's pictures, base64
+# What a request's picture may be: the common raster formats (never EPS and the like, which
+# PIL hands to other programs) within a side bound (as validation's default max_side).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_IMAGE_SIDE = 8192
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -54,8 +58,9 @@ def _prompts(model_input: Any) -> list[str]:
 
 
 def _images(model_input: Any, rows: int) -> list[list[Any]]:
-    """Each row's pictures from the ``images`` column (a base64 text, a list of them, or
-    nothing), decoded: a row and picture that do not decode are named."""
+    """Each row's pictures from the ``images`` column (a list of base64 texts, or nothing;
+    MLflow's signature takes lists), decoded: a row and picture that do not decode, are of
+    another format or too large are named."""
     from PIL import Image
 
     if not isinstance(model_input, pd.DataFrame) or IMAGES_COLUMN not in model_input.columns:
@@ -69,12 +74,16 @@ def _images(model_input: Any, rows: int) -> list[list[Any]]:
                 raise ValueError(f"row {row}, image {index}: base64 text expected, got {type(text).__name__}")
             payload = text.split(",", 1)[1] if text.startswith("data:") else text
             try:
-                image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+                image = Image.open(
+                    io.BytesIO(base64.b64decode(payload, validate=True)), formats=IMAGE_FORMATS
+                )
+                if max(image.size) > MAX_IMAGE_SIDE:
+                    raise ValueError(f"{image.size[0]}x{image.size[1]} pixels, above {MAX_IMAGE_SIDE} a side")
                 image.load()
-            except (binascii.Error, ValueError, OSError) as error:
+            except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
                 raise ValueError(
-                    f"row {row}, image {index} is not a base64-encoded picture ({error}); "
-                    "send the image file's bytes in base64"
+                    f"row {row}, image {index} is not a base64-encoded picture in {'/'.join(IMAGE_FORMATS)} "
+                    f"within {MAX_IMAGE_SIDE} pixels a side ({error}); send the image file's bytes in base64"
                 ) from None
             pictures.append(image)
         decoded.append(pictures)

@@ -59,17 +59,30 @@ def test_forward_and_backward_drop_the_same_elements_and_scale_the_rest():
     torch.testing.assert_close(x.grad, torch.where(kept, grad / 0.9, 0.0))
 
 
-def test_eval_gpu_less_and_non_contiguous_inputs():
-    layer = GapDropout(0.2)
-    x = torch.randn(8, 40)
-    assert torch.equal(layer.eval()(x), x)
-    layer.train()
+def test_non_contiguous_inputs_drop_the_same_elements_forward_and_backward():
+    layer = GapDropout(0.2).train()
     torch.manual_seed(3)
-    wide = torch.randn(40, 8).t()  # not contiguous
+    wide = (torch.rand(40, 8) + 0.5).t().requires_grad_()  # not contiguous
     out = layer(wide)
     assert out.shape == wide.shape
     kept = out != 0
-    torch.testing.assert_close(out[kept], wide[kept] / 0.8)
+    torch.testing.assert_close(out[kept], wide.detach()[kept] / 0.8)
+    grad = (torch.rand(40, 8) + 0.5).t()  # not contiguous either
+    out.backward(grad)
+    torch.testing.assert_close(wide.grad, torch.where(kept, grad / 0.8, 0.0))
+
+
+def test_eval_and_the_cases_left_to_torch(monkeypatch):
+    x = torch.randn(8, 40)
+    assert torch.equal(GapDropout(0.2).eval()(x), x)
+    calls = []
+    real = torch.nn.functional.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    GapDropout(0.7).train()(x)  # p > 1/2: torch's
+    GapDropout(0.2, inplace=True).train()(x.clone())
+    assert calls == [0.7, 0.2]
+    GapDropout(0.2).train()(x)  # the gap-drawn path does not call torch's dropout
+    assert calls == [0.7, 0.2]
 
 
 def test_seeded_runs_and_checkpointing_replay_the_same_drops():
@@ -98,3 +111,18 @@ def test_the_lora_layers_get_it_and_keep_their_p(chat_model_dir):
     layers = [m for m in model.modules() if isinstance(m, GapDropout)]
     assert len(layers) == replaced and {m.p for m in layers} == {0.07}
     assert use_gap_dropout(model) == 0  # once is enough
+
+
+def test_the_dropout_choice_leaves_a_runs_key_as_it_was():
+    """Same distribution, so a run trained before the gap dropout is still this run."""
+    from milora.config import AdapterSpec
+    from milora.training import TrainConfig
+    from milora.training.run import run_key
+
+    conversations = [[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]]
+    keys = [
+        run_key("base", conversations, AdapterSpec(), TrainConfig(max_steps=2, gap_dropout=gap))
+        for gap in (True, False)
+    ]
+    assert keys[0] == keys[1]
+    assert keys[0] != run_key("base", conversations, AdapterSpec(), TrainConfig(max_steps=3))

@@ -524,6 +524,26 @@ def test_the_registered_model_answers_about_base64_pictures_as_evaluation_does(v
     assert answers == expected and len(answers) == 3
     with pytest.raises(ValueError, match="row 1, image 0 is not a base64-encoded picture"):
         served.predict(None, pd.DataFrame({"prompt": ["a", "b"], "images": [None, ["not base64!"]]}))
+    wide = colour_image(tmp_path / "wide.png", "red", side=1)
+    from PIL import Image
+
+    Image.new("RGB", (8193, 1)).save(wide)
+    huge = base64.b64encode(wide.read_bytes()).decode()
+    with pytest.raises(ValueError, match=r"row 0, image 0 .*8193x1 pixels, above 8192"):
+        served.predict(None, pd.DataFrame({"prompt": ["a"], "images": [[huge]]}))
+
+
+def test_a_base_with_its_own_code_is_initialised_loaded_not_streamed(llava_dir, tmp_path):
+    """Working out the loaded names would need the folder's code: not streamed, and no prompt."""
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(llava_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    reason = why_not_streamed(folder, AdapterSpec(method="milora", r=4))
+    assert reason is not None and "its own code" in reason
 
 
 @pytest.fixture(scope="module")

@@ -307,7 +307,9 @@ def _arguments(
         logging_first_step=True,
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        # Trainer deletes older checkpoints before the newest has its initial factors and
+        # manifest (written on_save): keep one more, so a kill in between leaves a resumable one.
+        save_total_limit=None if config.save_total_limit is None else max(2, config.save_total_limit),
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,

@@ -135,6 +135,10 @@ class RunMismatchError(ValueError, UserFacingError):
     """The run folder holds a run with other data, settings or base model."""
 
 
+# TrainConfig fields that change how a run computes, not what it learns (left out of its key).
+LAYOUT_ONLY = ("packing", "gap_dropout")
+
+
 def run_key(
     base_path: str | os.PathLike[str],
     conversations: Sequence[Sequence[Message]],
@@ -160,7 +164,8 @@ def run_key(
     # The patterns join only when set: the keys of runs without one stay as they were.
     # Packing changes how batches are laid out, not what is learnt (the same loss per token):
     # a run started padded resumes packed, and keys of runs from before it stay as they were.
-    config_fields = {k: v for k, v in asdict(config).items() if k != "packing"}
+    # The gap dropout draws the same distribution as torch's: the same for the key, likewise.
+    config_fields = {k: v for k, v in asdict(config).items() if k not in LAYOUT_ONLY}
     described: dict[str, object] = {"spec": {**asdict(spec), **spec.patterns()}, "config": config_fields}
     if serve_rank is not None:
         described["serve_rank"] = serve_rank
