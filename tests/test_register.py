@@ -219,7 +219,8 @@ def test_register_logs_the_whole_run_then_registers_the_served_adapter(model):
     assert Path(pyfunc["config"]["base_model"]) == Path(model.base_model).resolve()
     assert pyfunc["config"]["max_new_tokens"] == registry.SERVING_MAX_NEW_TOKENS
     assert json.loads(mlmodel["signature"]["inputs"]) == [
-        {"type": "string", "name": "prompt", "required": True}
+        {"type": "string", "name": "prompt", "required": True},
+        {"type": "array", "items": {"type": "string"}, "name": "images", "required": False},
     ]
     assert not list(packaged.rglob("*.pkl"))  # models from code: nothing pickled
     requirements = (packaged / "requirements.txt").read_text().split()
