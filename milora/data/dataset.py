@@ -23,6 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from milora.data.images import on_first_user_turn
+
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 # 2: a "key" column (the fact a record states, when the export names it);
@@ -186,11 +188,5 @@ def load_messages(folder: Path, split: str = "train", role: str = COMPANY) -> li
             table.column("split").to_pylist(), table.column("messages").to_pylist(), pictures, strict=True
         ):
             if row_split == split:
-                conversations.append(_with_images(messages, paths) if paths else messages)
+                conversations.append(on_first_user_turn(messages, paths) if paths else messages)
     return conversations
-
-
-def _with_images(messages: list[dict[str, Any]], images: list[str]) -> list[dict[str, Any]]:
-    """``messages`` with ``images`` on the first user turn."""
-    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
-    return [{**m, "images": list(images)} if i == first else m for i, m in enumerate(messages)]

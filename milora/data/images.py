@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from milora.settings import ImageSettings
 
 IMAGES_DIR = "images"  # the published dataset's folder of image files
+MESSAGE_IMAGES = "images"  # a chat message's image paths (training, evaluation, serving)
 MISSING = "missing:"  # what a file that cannot be read contributes to a record's id
 IMAGE_CHECKS: tuple[str, ...] = ("check_image_missing", "check_image_unreadable", "check_image_size")
 
@@ -55,6 +56,13 @@ def parse_images(value: object) -> tuple[list[str], list[str]]:
         else:
             paths.append(item.strip())
     return paths, problems
+
+
+def on_first_user_turn(messages: Sequence[Mapping], images: Sequence[str]) -> list[dict]:
+    """``messages`` with a record's ``images`` on its first user turn, where LLaVA puts them
+    (on the first turn when there is no user turn)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+    return [{**m, MESSAGE_IMAGES: list(images)} if i == first else dict(m) for i, m in enumerate(messages)]
 
 
 def resolve_image(text: str, folder: Path) -> tuple[Path | None, str | None]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from milora.data.images import parse_images
 from milora.digests import digest_files
 from milora.errors import UserFacingError
 from milora.evaluation.datasets import read_items
@@ -92,9 +93,10 @@ def _with_images(path: Path, items: list[dict[str, Any]], root: Path) -> list[di
     relative to ``root``; a missing image names its file and record."""
     out = []
     for number, item in enumerate(items, start=1):
-        listed = [item["images"]] if isinstance(item["images"], str) else item["images"]
-        if not isinstance(listed, list) or not listed or not all(isinstance(p, str) for p in listed):
-            raise ValueError(f"{path}: record {number}: images must be a path or a list of paths")
+        listed, problems = parse_images(item["images"])
+        if problems or not listed:
+            reason = "; ".join(problems) or "no images"
+            raise ValueError(f"{path}: record {number}: {reason} (a path or a list of paths is expected)")
         resolved = []
         for image in listed:
             full = (path.parent / image).resolve()

@@ -26,12 +26,13 @@ from typing import Any
 
 from transformers import ProcessorMixin
 
+from milora.data.images import MESSAGE_IMAGES
 from milora.training.examples import IGNORE, ROLES, Encoded, special_tokens_wanted
 from milora.training.packing import padding_collator
 
 logger = logging.getLogger(__name__)
 
-IMAGES = "images"  # the message key holding a turn's image paths
+IMAGES = MESSAGE_IMAGES  # the message key holding a turn's image paths
 Message = dict[str, Any]
 
 

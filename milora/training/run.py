@@ -25,7 +25,7 @@ from milora.cache import DecompositionCache
 from milora.chain import ChampionStart, start_from_champion
 from milora.config import AdapterSpec
 from milora.conversion import merge_adapter
-from milora.data.images import image_digests
+from milora.data.images import image_digests, on_first_user_turn, parse_images
 from milora.errors import UserFacingError
 from milora.initialize import init_adapter
 from milora.layout import INITIAL_ADAPTER, MANIFEST, RUN_KEY, START_WEIGHTS
@@ -93,13 +93,11 @@ def read_conversations(path: str | os.PathLike[str]) -> list[list[Message]]:
                 )
             else:
                 raise ValueError(f"{path}:{number}: expected 'messages' or 'instruction'/'output' fields")
-            images = record.get("images")
+            images, problems = parse_images(record.get("images"))
+            if problems or (images and not any(m.get("role") == "user" for m in conversations[-1])):
+                raise ValueError(f"{path}:{number}: {'; '.join(problems) or 'images need a user turn'}")
             if images:
-                images = [images] if isinstance(images, str) else images
-                users = [m for m in conversations[-1] if m.get("role") == "user"]
-                if not users or not all(isinstance(i, str) for i in images):
-                    raise ValueError(f"{path}:{number}: images need a user turn and must be paths")
-                users[0][IMAGES] = list(images)
+                conversations[-1] = on_first_user_turn(conversations[-1], images)
     return conversations
 
 
